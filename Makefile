@@ -1,0 +1,17 @@
+# The two commands of the README: `make demo` (main job on the default model) and `make test`.
+PY ?= python3
+# torch is pinned for the CPU wheel these machines carry; an unpinned torch pulls the CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-slow
+install:
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[test]"
+
+demo: install
+	$(PY) -m lowbit.tools.cli demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu and not tensorrt"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow

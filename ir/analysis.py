@@ -1,0 +1,346 @@
+"""Structural analysis of a captured decoder, from the graph alone (no module names).
+
+Found: the embedding and the residual stream (embedding -> residual adds -> final norm ->
+lm_head); every RMSNorm (plain, or with the +1 offset of Gemma) with the linears it feeds;
+attention blocks (q/k/v/o linears, fused qkv, heads, kv heads, head_dim, q/k norms, the nodes
+where RoPE is applied); MLP blocks (gate/up/down, fused gate_up, activation).
+Linears are `aten.linear` nodes whose weight is a parameter or a `lowbit.dequantize` of packed
+tensors. A structure that does not fit raises StructureError naming the node."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from . import meta, quant
+from .errors import StructureError
+
+aten = torch.ops.aten
+
+ACTIVATIONS = {aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu",
+               aten.gelu_.default: "gelu", aten.silu_.default: "silu"}
+
+
+@dataclass
+class Linear:
+    node: fx.Node
+    weight: str            # get_attr target of the weight (of qweight once quantized)
+    bias: str | None
+    module: str | None
+    in_features: int
+    out_features: int
+    quantized: bool
+
+    @property
+    def name(self) -> str:
+        return self.module or self.node.name
+
+
+@dataclass
+class Norm:
+    input: fx.Node         # what is normalized
+    normalized: fx.Node    # x * rsqrt(mean(x^2) + eps)
+    output: fx.Node        # normalized, or normalized * scale
+    weight: str | None     # get_attr target of the scale (None once folded)
+    offset: float          # scale = weight + offset (Gemma: 1.0)
+    eps: float
+    consumers: list[Linear] = field(default_factory=list)  # linears reading output directly
+    other_users: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.weight or self.normalized.name
+
+
+@dataclass
+class Attention:
+    sdpa: fx.Node
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_q: fx.Node | None    # node producing q after RoPE
+    rope_k: fx.Node | None
+    q_norm: Norm | None
+    k_norm: Norm | None
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q.node is self.k.node
+
+
+@dataclass
+class MLP:
+    up: Linear
+    gate: Linear | None
+    down: Linear
+    act: str
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return self.gate is not None and self.gate.node is self.up.node
+
+
+@dataclass
+class Block:
+    """One residual branch: stream -> norm -> (attention | mlp) -> add back into the stream."""
+    norm: Norm
+    add: fx.Node
+    attention: Attention | None = None
+    mlp: MLP | None = None
+
+
+@dataclass
+class Structure:
+    embedding: fx.Node
+    embedding_weight: str
+    stream: list[fx.Node]        # residual stream values: embedding output, then each residual add
+    blocks: list[Block]
+    final_norm: Norm
+    lm_head: Linear
+    norms: list[Norm]
+    linears: dict[str, Linear]   # by node name
+    tied_embedding: bool         # lm_head reads the embedding's tensor
+
+    @property
+    def attentions(self) -> list[Attention]:
+        return [b.attention for b in self.blocks if b.attention]
+
+    @property
+    def mlps(self) -> list[MLP]:
+        return [b.mlp for b in self.blocks if b.mlp]
+
+    def summary(self) -> dict:
+        att = self.attentions
+        return {
+            "layers": len(att), "residual_adds": len(self.blocks), "norms": len(self.norms),
+            "linears": len(self.linears), "tied_embedding": self.tied_embedding,
+            "heads": att[0].n_heads if att else 0, "kv_heads": att[0].n_kv_heads if att else 0,
+            "head_dim": att[0].head_dim if att else 0,
+            "fused_qkv": any(a.fused_qkv for a in att), "qk_norm": any(a.q_norm for a in att),
+            "fused_gate_up": any(m.fused_gate_up for m in self.mlps),
+            "activation": self.mlps[0].act if self.mlps else None,
+        }
+
+
+def _is(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _shape(n: fx.Node):
+    v = n.meta.get("val")
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _linear(n: fx.Node, ir) -> Linear:
+    w = n.args[1]
+    bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    quantized = _is(w, quant.dequantize._opoverload)
+    if quantized:
+        qweight, k = w.args[0], w.args[5]
+        out_f = ir.tensor(qweight.target).shape[0]
+        wname = qweight.target
+    elif isinstance(w, fx.Node) and w.op == "get_attr":
+        out_f, k = ir.tensor(w.target).shape
+        wname = w.target
+    else:
+        raise StructureError(n, "a linear whose weight is a parameter or a lowbit.dequantize of one")
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        raise StructureError(n, "a linear whose bias is a parameter")
+    return Linear(n, wname, bias.target if bias is not None else None, n.meta.get(meta.MODULE),
+                  int(k), int(out_f), quantized)
+
+
+def _norm_at(rsqrt: fx.Node) -> Norm:
+    """Match x * rsqrt(mean(x^2, -1) + eps) [* (w [+ c])] around an rsqrt node."""
+    add = rsqrt.args[0]
+    if not (_is(add, aten.add.Tensor, aten.add.Scalar) and isinstance(add.args[1], (int, float))):
+        raise StructureError(rsqrt, "rsqrt(mean(x^2) + eps) of an RMSNorm")
+    mean = add.args[0]
+    if not (_is(mean, aten.mean.dim) and _is(mean.args[0], aten.pow.Tensor_Scalar) and mean.args[0].args[1] == 2):
+        raise StructureError(add, "mean(pow(x, 2), -1) of an RMSNorm")
+    x = mean.args[0].args[0]
+    normalized = [u for u in rsqrt.users if _is(u, aten.mul.Tensor) and x in u.args]
+    if len(normalized) != 1 or len(rsqrt.users) != 1:
+        raise StructureError(rsqrt, "one x * rsqrt(...) user of the RMSNorm's rsqrt")
+    normalized = normalized[0]
+    weight, offset, output = None, 0.0, normalized
+    if len(normalized.users) == 1:
+        user = next(iter(normalized.users))
+        if _is(user, aten.mul.Tensor):
+            other = user.args[0] if user.args[1] is normalized else user.args[1]
+            if isinstance(other, fx.Node) and other.op == "get_attr":
+                weight, output = other.target, user
+            elif (_is(other, aten.add.Tensor) and isinstance(other.args[0], fx.Node)
+                  and other.args[0].op == "get_attr" and isinstance(other.args[1], (int, float))):
+                weight, offset, output = other.args[0].target, float(other.args[1]), user
+    return Norm(x, normalized, output, weight, offset, float(add.args[1]))
+
+
+class _Graph:
+    """networkx view of the fx graph for reachability questions."""
+
+    def __init__(self, g: fx.Graph):
+        self.g = nx.DiGraph()
+        for n in g.nodes:
+            self.g.add_node(n)
+            for inp in n.all_input_nodes:
+                self.g.add_edge(inp, n)
+
+    def depends(self, node: fx.Node, on: fx.Node) -> bool:
+        return node is on or nx.has_path(self.g, on, node)
+
+    def nearest(self, start: fx.Node, forward: bool, stop) -> list[fx.Node]:
+        """Nodes satisfying `stop` first met walking from `start` (not crossing them)."""
+        seen, found, todo = {start}, [], [start]
+        while todo:
+            n = todo.pop()
+            nbrs = self.g.successors(n) if forward else self.g.predecessors(n)
+            for m in nbrs:
+                if m in seen or m.op in ("get_attr", "placeholder"):
+                    continue
+                seen.add(m)
+                (found if stop(m) else todo).append(m)
+        return sorted(found, key=lambda m: m.meta.get(meta.HANDLE, 0))
+
+
+def analyze(ir) -> Structure:
+    g = ir.graph
+    G = _Graph(g)
+    linears = {n.name: _linear(n, ir) for n in g.nodes if _is(n, aten.linear.default)}
+    norms = [_norm_at(n) for n in g.nodes if _is(n, aten.rsqrt.default)]
+    for norm in norms:
+        for u in norm.output.users:
+            if u.name in linears and u.args[0] is norm.output:
+                norm.consumers.append(linears[u.name])
+            else:
+                norm.other_users.append(u)
+    norm_by_input = {}
+    for norm in norms:
+        norm_by_input.setdefault(norm.input, []).append(norm)
+
+    inputs = [n for n in g.nodes if n.op == "placeholder"]
+    embeds = [n for n in g.nodes if _is(n, aten.embedding.default) and n.args[1] in inputs]
+    if len(embeds) != 1:
+        raise StructureError(inputs[0] if inputs else "input", f"one embedding lookup of input_ids, found {len(embeds)}")
+    emb = embeds[0]
+    cur = emb
+    # an elementwise scale of the embedding by something not derived from the tokens (Gemma)
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        other = [a for a in u.args if isinstance(a, fx.Node) and a is not cur]
+        if _is(u, aten.mul.Tensor) and all(not G.depends(o, inputs[0]) for o in other):
+            cur = u
+        else:
+            break
+    stream, blocks = [cur], []
+    while True:
+        adds = [u for u in cur.users if _is(u, aten.add.Tensor)
+                and all(isinstance(a, fx.Node) for a in u.args[:2])
+                and G.depends(u.args[1] if u.args[0] is cur else u.args[0], cur)]
+        if not adds:
+            break
+        if len(adds) > 1:
+            raise StructureError(cur, "one residual add reading each residual-stream value")
+        add = adds[0]
+        branch_out = add.args[1] if add.args[0] is cur else add.args[0]
+        pre = norm_by_input.get(cur, [])
+        if len(pre) != 1:
+            raise StructureError(cur, f"one pre-norm reading the residual stream before '{add.name}', found {len(pre)}")
+        blocks.append(_block(pre[0], add, branch_out, G, linears, norms))
+        cur = add
+        stream.append(cur)
+    final = norm_by_input.get(cur, [])
+    if len(final) != 1:
+        raise StructureError(cur, "a final norm reading the end of the residual stream")
+    heads = G.nearest(final[0].output, True, lambda m: m.name in linears)
+    if len(heads) != 1:
+        raise StructureError(final[0].output, "one lm_head linear after the final norm")
+    lm_head = linears[heads[0].name]
+    emb_w = emb.args[0].target
+    return Structure(emb, emb_w, stream, blocks, final[0], lm_head, norms, linears,
+                     tied_embedding=lm_head.weight == emb_w)
+
+
+def _one_linear(G, start, linears, what) -> Linear:
+    found = G.nearest(start, False, lambda m: m.name in linears)
+    if len(found) != 1:
+        raise StructureError(start, f"one {what} linear feeding it, found {len(found)}")
+    return linears[found[0].name]
+
+
+def _rope(G, lin: Linear, end: fx.Node) -> fx.Node | None:
+    """The last `add` between a projection and the attention input whose ancestors contain
+    rotate_half (neg -> cat): where RoPE is applied."""
+    between = nx.descendants(G.g, lin.node) & (nx.ancestors(G.g, end) | {end})
+    ropes = [n for n in between if _is(n, aten.add.Tensor)
+             and any(_is(a, aten.neg.default) for a in nx.ancestors(G.g, n) & between)]
+    return max(ropes, key=lambda n: n.meta.get(meta.HANDLE, 0)) if ropes else None
+
+
+def _block(norm, add, branch_out, G, linears, norms) -> Block:
+    inside = nx.descendants(G.g, norm.output) & nx.ancestors(G.g, branch_out)
+    sdpas = [n for n in inside if _is(n, aten.scaled_dot_product_attention.default)]
+    if len(sdpas) > 1:
+        raise StructureError(add, "at most one attention inside a residual branch")
+    if sdpas:
+        return Block(norm, add, attention=_attention(sdpas[0], G, linears, norms))
+    return Block(norm, add, mlp=_mlp(norm, branch_out, G, linears))
+
+
+def _attention(sdpa, G, linears, norms) -> Attention:
+    q_in, k_in, v_in = sdpa.args[:3]
+    q, k, v = (_one_linear(G, x, linears, w) for x, w in ((q_in, "q"), (k_in, "k"), (v_in, "v")))
+    outs = G.nearest(sdpa, True, lambda m: m.name in linears)
+    if len(outs) != 1:
+        raise StructureError(sdpa, "one output projection after attention")
+    qs = _shape(q_in)
+    if not qs or len(qs) != 4:
+        raise StructureError(q_in, "a [batch, heads, seq, head_dim] query")
+    n_heads, head_dim = int(qs[1]), int(qs[3])
+    # kv width: the k projection's own output, or its slice of a fused qkv output
+    first = G.nearest(k.node, True, lambda m: True)
+    k_path = [m for m in first if G.depends(k_in, m)]
+    if q.node is k.node:
+        if len(k_path) != 1 or not _is(k_path[0], aten.slice.Tensor):
+            raise StructureError(k.node, "a fused qkv projection split by slices")
+        width = int(_shape(k_path[0])[-1])
+    else:
+        width = k.out_features
+    if width % head_dim:
+        raise StructureError(k.node, f"a key width ({width}) divisible by head_dim ({head_dim})")
+
+    def qk_norm(lin, end):
+        return next((nm for nm in norms if G.depends(nm.input, lin.node) and G.depends(end, nm.output)), None)
+
+    return Attention(sdpa, q, k, v, linears[outs[0].name], n_heads, width // head_dim, head_dim,
+                     _rope(G, q, q_in), _rope(G, k, k_in), qk_norm(q, q_in), qk_norm(k, k_in))
+
+
+def _mlp(norm, branch_out, G, linears) -> MLP:
+    down = _one_linear(G, branch_out, linears, "MLP down") if branch_out.name not in linears else linears[branch_out.name]
+    ins = [c for c in norm.consumers]
+    if not ins:
+        raise StructureError(norm.output, "linears reading the MLP's pre-norm")
+    inside = nx.descendants(G.g, norm.output) & nx.ancestors(G.g, down.node)
+    acts = [n for n in inside if n.op == "call_function" and n.target in ACTIVATIONS]
+    if len(acts) != 1:
+        raise StructureError(down.node, f"one activation inside the MLP, found {len(acts)}")
+    act = acts[0]
+    if len(ins) == 1:
+        fused = ins[0]
+        has_mul = any(_is(n, aten.mul.Tensor) for n in nx.descendants(G.g, fused.node)
+                      if G.depends(down.node, n))
+        return MLP(up=fused, gate=fused if has_mul else None, down=down, act=ACTIVATIONS[act.target])
+    if len(ins) != 2:
+        raise StructureError(norm.output, f"one or two linears (gate, up) reading the MLP's pre-norm, found {len(ins)}")
+    gate = [lin for lin in ins if G.depends(act, lin.node)]
+    if len(gate) != 1:
+        raise StructureError(act, "an activation applied to exactly one of the MLP's input projections")
+    up = next(lin for lin in ins if lin is not gate[0])
+    return MLP(up=up, gate=gate[0], down=down, act=ACTIVATIONS[act.target])

@@ -1,0 +1,127 @@
+"""Capture a causal LM into the IR with torch.export (non-strict), before any decomposition.
+
+The captured forward takes input_ids [batch, seq] and returns logits [batch, seq, vocab], with no
+KV cache; batch and sequence length are dynamic. After export the graph is canonicalized: guard
+and metadata-assert nodes are dropped, and ops that are the identity here (same-dtype casts,
+aliases, zero dropout, contiguous) are bypassed, so analyses see the arithmetic only."""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from . import meta
+from .errors import LowbitError
+from .graph import IR, ModelInfo, short_name, type_string
+
+aten = torch.ops.aten
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out
+
+
+_IDENTITY_IF_SAME_TYPE = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+                          aten.type_as.default, aten.alias.default, aten.contiguous.default,
+                          aten.clone.default}
+_DROP = {aten._assert_tensor_metadata.default}
+
+
+def _is_identity(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    if n.target is aten.dropout.default:
+        return n.args[1] == 0.0 or n.args[2] is False
+    if n.target not in _IDENTITY_IF_SAME_TYPE:
+        return False
+    src, out = n.args[0], n.meta.get("val")
+    if not isinstance(src, fx.Node) or not isinstance(out, torch.Tensor):
+        return False
+    inp = src.meta.get("val")
+    return isinstance(inp, torch.Tensor) and inp.dtype == out.dtype and inp.device == out.device
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn" or n.op == "call_function" and n.target in _DROP:
+            g.erase_node(n)
+        elif _is_identity(n):
+            n.replace_all_uses_with(n.args[0])
+            g.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    # Plain calling convention: forward(input_ids) -> logits (torch.export emits pytree codegen).
+    g.set_codegen(fx.graph.CodeGen())
+    out = next(n for n in g.nodes if n.op == "output")
+    res = out.args[0]
+    while isinstance(res, (tuple, list)) and len(res) == 1:
+        res = res[0]
+    out.args = (res,)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def _module_path(n: fx.Node) -> str | None:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return short_name(path.replace("L['self'].", "").replace("L__self__.", ""))
+
+
+def annotate(gm: fx.GraphModule):
+    """Debug handles, module paths of linears/embeddings, type strings (symbolic sizes named
+    batch/seq); drop export's bulky meta."""
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"]
+    names = {str(ids.shape[0]): "batch", str(ids.shape[1]): "seq"}
+    sym = re.compile(r"\bs\d+\b")
+    for i, n in enumerate(gm.graph.nodes):
+        n.meta[meta.HANDLE] = i + 1
+        n.meta[meta.TYPE] = sym.sub(lambda m: names.get(m.group(0), m.group(0)), type_string(n.meta.get("val")))
+        if n.op == "call_function" and n.target in (aten.linear.default, aten.embedding.default):
+            path = _module_path(n)
+            if path:
+                n.meta[meta.MODULE] = path
+        if n.op == "get_attr":
+            n.meta[meta.TYPE] = type_string(_attr(gm, n.target))
+        for k in ("stack_trace", "from_node", "source_fn_stack", "torch_fn", "nn_module_stack"):
+            n.meta.pop(k, None)
+
+
+def _attr(gm, target):
+    obj = gm
+    for p in target.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def capture(model: torch.nn.Module, info: ModelInfo, tokenizer=None, example_len: int = 16) -> IR:
+    """Export `model` (a transformers-style causal LM in eval mode) into the IR."""
+    model = model.eval()
+    wrapper = _LogitsOnly(model)
+    vocab = info.vocab_size
+    max_ctx = max(info.max_ctx, example_len + 1)
+    example = torch.randint(0, vocab, (2, example_len))
+    dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024),
+                          1: torch.export.Dim("seq", min=1, max=max_ctx)}}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, (example,), dynamic_shapes=dims, strict=False)
+    except Exception as e:  # export errors are long; keep the first line, it names the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowbitError(f"torch.export could not capture {type(model).__name__}: {first}") from e
+    gm = canonicalize(ep.module())
+    annotate(gm)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return IR(gm, info, tokenizer)

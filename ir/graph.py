@@ -1,0 +1,163 @@
+"""The IR: a torch.fx GraphModule (captured once by torch.export, then rewritten by passes) plus
+what lowbit knows about the model it came from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import meta
+
+# Wrapper prefix torch.export puts on every parameter and module path of the captured model.
+WRAPPER_PREFIX = "model."
+
+
+@dataclass
+class ModelInfo:
+    """Facts about the source model that the graph itself does not carry."""
+    family: str               # config.model_type, for reports only: no pass branches on it
+    vocab_size: int
+    max_ctx: int
+    source: str               # the path or name it was loaded from
+    source_hash: str          # sha256 of the checkpoint file(s)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def short_name(target: str) -> str:
+    """Parameter / module path without the capture wrapper's prefix."""
+    return target[len(WRAPPER_PREFIX):] if target.startswith(WRAPPER_PREFIX) else target
+
+
+class IR:
+    def __init__(self, gm: fx.GraphModule, info: ModelInfo, tokenizer=None):
+        self.gm = gm
+        self.info = info
+        self.tokenizer = tokenizer
+        self.passes_run: list[str] = []    # pipeline entries applied so far, as text
+        self.stats: list[dict] = []         # per-pass results, in order
+        self._analysis = None
+        self._next_handle = 1 + max((n.meta.get(meta.HANDLE, 0) for n in gm.graph.nodes), default=0)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    # -- analysis, invalidated by every edit --------------------------------------------------
+    @property
+    def analysis(self):
+        if self._analysis is None:
+            from .analysis import analyze
+            self._analysis = analyze(self)
+        return self._analysis
+
+    def changed(self):
+        """Call after editing the graph or its tensors: drops stale analysis, recompiles."""
+        self._analysis = None
+        self.gm.recompile()
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def new_handle(self) -> int:
+        h = self._next_handle
+        self._next_handle += 1
+        return h
+
+    def stamp(self, node: fx.Node, like: fx.Node | None = None) -> fx.Node:
+        """Give a node created by a pass a debug handle (inherited from `like` if given)."""
+        if meta.HANDLE not in node.meta:
+            node.meta[meta.HANDLE] = like.meta[meta.HANDLE] if like is not None else self.new_handle()
+        return node
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    # -- tensors held by the module (parameters and buffers, addressed by get_attr target) -----
+    def tensor(self, target: str) -> torch.Tensor:
+        owner, leaf = self._owner(target)
+        return getattr(owner, leaf)
+
+    def set_tensor(self, target: str, value: torch.Tensor):
+        """Create or replace the tensor at `target` (stored as a buffer: nothing here trains)."""
+        owner, leaf = self._owner(target, create=True)
+        if leaf in owner._parameters:
+            del owner._parameters[leaf]
+        owner.register_buffer(leaf, value.detach().contiguous())
+
+    def del_tensor(self, target: str):
+        owner, leaf = self._owner(target)
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+
+    def get_attr(self, target: str, before: fx.Node) -> fx.Node:
+        """A get_attr node for `target`, reusing an existing one when there is one."""
+        for n in self.graph.nodes:
+            if n.op == "get_attr" and n.target == target:
+                return n
+        with self.graph.inserting_before(before):
+            n = self.graph.get_attr(target)
+        t = self.tensor(target)
+        n.meta[meta.TYPE] = type_string(t)
+        return self.stamp(n)
+
+    def _owner(self, target: str, create: bool = False):
+        *path, leaf = target.split(".")
+        mod = self.gm
+        for p in path:
+            if not hasattr(mod, p):
+                if not create:
+                    raise KeyError(target)
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        return mod, leaf
+
+    def referenced_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a get_attr node reads, by target (what an artifact must store)."""
+        return {n.target: self.tensor(n.target) for n in self.graph.nodes if n.op == "get_attr"}
+
+    def remove_dead(self) -> int:
+        """Erase nodes without users (and the tensors only they read); returns how many."""
+        removed = 0
+        changed = True
+        while changed:
+            changed = False
+            for n in reversed(list(self.graph.nodes)):
+                if n.op in ("placeholder", "output") or n.users:
+                    continue
+                if n.op == "call_function" and _has_side_effects(n):
+                    continue
+                if n.op == "get_attr":
+                    self.del_tensor(n.target)
+                self.graph.erase_node(n)
+                removed += 1
+                changed = True
+        return removed
+
+    # -- running -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.gm(input_ids)
+
+
+def _has_side_effects(n: fx.Node) -> bool:
+    return getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable
+
+
+_DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+                torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8",
+                torch.bool: "bool"}
+
+
+def type_string(v) -> str:
+    """'f32[s0,s1,576]' for a (fake) tensor; '' for anything else."""
+    if isinstance(v, torch.Tensor):
+        dims = ",".join(str(d) for d in v.shape)
+        return f"{_DTYPE_SHORT.get(v.dtype, str(v.dtype))}[{dims}]"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(type_string(x) for x in v) + ")"
+    if isinstance(v, torch.SymInt):
+        return f"sym {v}"
+    return ""

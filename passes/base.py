@@ -1,0 +1,101 @@
+"""What a pass is: a frozen config dataclass, a numerical contract, and `run(ir, ctx)` returning a
+PassResult whose `modified` is exactly whether the graph or its tensors changed."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from lowbit.ir.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class Exact:
+    """The function is unchanged up to float rounding: max|after - before| / max|before| <= rtol."""
+    rtol: float = 1e-4
+
+    def __str__(self):
+        return f"exact (rtol {self.rtol:g})"
+
+
+@dataclass(frozen=True)
+class Lossy:
+    """Logits after the pass keep at least `min_sqnr_db` dB signal-to-noise against before."""
+    min_sqnr_db: float
+
+    def __str__(self):
+        return f"lossy (SQNR >= {self.min_sqnr_db:g} dB)"
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may need besides the IR: the seed, calibration tokens, progress display."""
+    seed: int = 0
+    calib: torch.Tensor | None = None     # [n, ctx] token windows from calibration text
+    progress: bool = False
+
+
+class PassFailure(LowbitError):
+    """Raised by a pass; the manager adds which pass it was and what ran before."""
+
+    def __init__(self, message: str, node: fx.Node | None = None):
+        super().__init__(message)
+        self.node = node
+
+
+class Pass:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def doc(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    def contract(self) -> Exact | Lossy:
+        raise NotImplementedError
+
+    def run(self, ir, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    assert dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen, cls
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def config_fields(cls: type[Pass]) -> dict[str, type]:
+    hints = typing.get_type_hints(cls.Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls.Config)}
+
+
+def parse_value(text: str, typ: type):
+    if typ is bool:
+        if text not in ("true", "false"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text == "true"
+    if typ in (int, float):
+        return typ(text)
+    return text
+
+
+def format_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, float) else str(v)

@@ -1,0 +1,118 @@
+"""Instruments: timing, IR dumps, invariant checks, provenance, numeric diff against contracts."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.ir import meta
+from lowbit.ir.printer import format_ir
+
+from .base import Exact, Lossy, PassFailure
+from .pipeline import Instrument
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
+
+
+def rel_err(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return ((ref.double() - approx.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+class Timing(Instrument):
+    def __init__(self):
+        self.seconds: list[tuple[str, float]] = []
+
+    def before(self, i, entry, p, ir, ctx):
+        self._t = time.perf_counter()
+
+    def after(self, i, entry, p, ir, ctx, result):
+        dt = time.perf_counter() - self._t
+        self.seconds.append((entry.text(), dt))
+        ir.stats[-1]["seconds"] = round(dt, 3)
+
+
+class DumpIR(Instrument):
+    """Writes the IR as text before the first pass and after each pass: NN-<pass>.txt."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+
+    def start(self, ir, ctx):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "00-input.txt").write_text(format_ir(ir))
+
+    def after(self, i, entry, p, ir, ctx, result):
+        (self.dir / f"{i + 1:02d}-{entry.pass_cls.name}.txt").write_text(format_ir(ir))
+
+
+class Verify(Instrument):
+    """After each pass: the graph lints, every node has a unique debug handle, every get_attr
+    names a tensor, floating tensors are finite, no dead nodes, and the structure still analyses."""
+
+    def after(self, i, entry, p, ir, ctx, result):
+        verify(ir)
+
+
+def verify(ir):
+    ir.graph.lint()
+    seen = {}
+    for n in ir.graph.nodes:
+        h = n.meta.get(meta.HANDLE)
+        if h is None:
+            raise PassFailure("node has no debug handle", n)
+        if h in seen:
+            raise PassFailure(f"debug handle {h} also on node '{seen[h].name}'", n)
+        seen[h] = n
+        if n.op == "get_attr":
+            try:
+                t = ir.tensor(n.target)
+            except (KeyError, AttributeError):
+                raise PassFailure(f"get_attr of missing tensor '{n.target}'", n) from None
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise PassFailure(f"tensor '{n.target}' has NaN or Inf", n)
+        if n.op not in ("output", "placeholder") and not n.users:
+            raise PassFailure("dead node left in the graph", n)
+    ir._analysis = None
+    ir.analysis  # raises StructureError if the pass broke the structure
+
+
+class Provenance(Instrument):
+    """Stamps the pass name on every node a pass created."""
+
+    def before(self, i, entry, p, ir, ctx):
+        self._old = set(ir.graph.nodes)
+
+    def after(self, i, entry, p, ir, ctx, result):
+        for n in ir.graph.nodes:
+            if n not in self._old:
+                n.meta[meta.CREATED_BY] = entry.pass_cls.name
+
+
+class NumericDiff(Instrument):
+    """Runs fixed inputs before and after each pass and checks the pass's contract."""
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+        self.report: list[dict] = []
+
+    def start(self, ir, ctx):
+        self._ref = ir(self.inputs)
+
+    def after(self, i, entry, p, ir, ctx, result):
+        out = ir(self.inputs)
+        c = p.contract()
+        row = {"pass": entry.text(), "contract": str(c), "rel_err": rel_err(self._ref, out),
+               "sqnr_db": sqnr_db(self._ref, out)}
+        self.report.append(row)
+        ir.stats[-1]["diff"] = {k: row[k] for k in ("rel_err", "sqnr_db")}
+        if isinstance(c, Exact) and not row["rel_err"] <= c.rtol:
+            raise PassFailure(f"broke its exact contract: relative error {row['rel_err']:.3g} > {c.rtol:g}")
+        if isinstance(c, Lossy) and not row["sqnr_db"] >= c.min_sqnr_db:
+            raise PassFailure(f"broke its lossy contract: SQNR {row['sqnr_db']:.2f} dB < {c.min_sqnr_db:g} dB")
+        self._ref = out

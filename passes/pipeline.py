@@ -1,0 +1,149 @@
+"""Pipelines as text and the pass manager.
+
+Grammar: `entry(,entry)*`, entry = `name` or `name{key=value,...}`; values are ints, floats,
+`true`/`false` or bare words. An entry prints back with the options it was given, in the order
+given, so parse -> print is the identity on canonical text; the full config (defaults included)
+goes into the artifact's manifest."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from lowbit.ir.errors import LowbitError
+from lowbit.ir import meta
+
+from .base import REGISTRY, Pass, PassContext, PassFailure, PassResult, config_fields, format_value, parse_value
+
+
+class PipelineError(LowbitError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    pass_cls: type[Pass]
+    config: object
+    given: tuple[str, ...]   # option keys written in the text, in order
+
+    def text(self) -> str:
+        if not self.given:
+            return self.pass_cls.name
+        opts = ",".join(f"{k}={format_value(getattr(self.config, k))}" for k in self.given)
+        return f"{self.pass_cls.name}{{{opts}}}"
+
+    def make(self) -> Pass:
+        return self.pass_cls(self.config)
+
+
+_ENTRY = re.compile(r"^([a-z][a-z0-9-]*)(?:\{(.*)\})?$", re.S)
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth < 0:
+            raise PipelineError(f"unbalanced '}}' in pipeline: {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise PipelineError(f"unbalanced '{{' in pipeline: {text!r}")
+    return parts + [cur]
+
+
+def parse_entry(text: str) -> Entry:
+    from . import REGISTRY as _loaded  # noqa: F401  (importing the package registers every pass)
+    m = _ENTRY.match(text.strip())
+    if not m:
+        raise PipelineError(f"cannot parse pipeline entry {text.strip()!r}: expected name or name{{key=value,...}}")
+    name, body = m.group(1), m.group(2)
+    if name not in REGISTRY:
+        raise PipelineError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    cls = REGISTRY[name]
+    fields = config_fields(cls)
+    values, given = {}, []
+    for item in (body.split(",") if body and body.strip() else []):
+        key, eq, raw = item.strip().partition("=")
+        if not eq or key not in fields:
+            raise PipelineError(f"{name}: no option '{key}' (options: {', '.join(fields) or 'none'})")
+        if key in values:
+            raise PipelineError(f"{name}: option '{key}' given twice")
+        try:
+            values[key] = parse_value(raw.strip(), fields[key])
+        except ValueError as e:
+            raise PipelineError(f"{name}: option {key}={raw.strip()}: {e}") from None
+        given.append(key)
+    try:
+        config = cls.Config(**values)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{name}: {e}") from None
+    return Entry(cls, config, tuple(given))
+
+
+def parse_pipeline(text: str) -> list[Entry]:
+    if not text.strip():
+        raise PipelineError("empty pipeline")
+    return [parse_entry(p) for p in _split_top(text)]
+
+
+def print_pipeline(entries: list[Entry]) -> str:
+    return ",".join(e.text() for e in entries)
+
+
+class Instrument:
+    """Hooks around each pass. The manager calls none of them when no instrument is on."""
+
+    def start(self, ir, ctx):
+        pass
+
+    def before(self, index: int, entry: Entry, p: Pass, ir, ctx):
+        pass
+
+    def after(self, index: int, entry: Entry, p: Pass, ir, ctx, result: PassResult):
+        pass
+
+
+class PassManager:
+    def __init__(self, entries: list[Entry] | str, instruments=()):
+        self.entries = parse_pipeline(entries) if isinstance(entries, str) else list(entries)
+        self.instruments = list(instruments)
+
+    def __str__(self):
+        return print_pipeline(self.entries)
+
+    def run(self, ir, ctx: PassContext | None = None) -> list[PassResult]:
+        ctx = ctx or PassContext()
+        results = []
+        for inst in self.instruments:
+            inst.start(ir, ctx)
+        for i, entry in enumerate(self.entries):
+            p = entry.make()
+            try:
+                for inst in self.instruments:
+                    inst.before(i, entry, p, ir, ctx)
+                res = p.run(ir, ctx)
+                if not isinstance(res, PassResult) or type(res.modified) is not bool:
+                    raise PassFailure(f"returned {res!r}, not a PassResult with a bool 'modified'")
+                ir.passes_run.append(entry.text())
+                ir.stats.append({"pass": entry.text(), "config": dataclasses.asdict(entry.config),
+                                 "contract": str(p.contract()), "modified": res.modified, **res.stats})
+                for inst in self.instruments:
+                    inst.after(i, entry, p, ir, ctx, res)
+            except LowbitError as e:
+                raise self._error(i, entry, e, getattr(e, "node", None)) from e
+            except Exception as e:
+                raise self._error(i, entry, f"{type(e).__name__}: {e}", None) from e
+            results.append(res)
+        return results
+
+    def _error(self, i, entry, e, node) -> PipelineError:
+        before = ", ".join(x.text() for x in self.entries[:i]) or "none"
+        where = ""
+        if node is not None:
+            where = f" at node '{node.name}' (handle {node.meta.get(meta.HANDLE, '?')})"
+        return PipelineError(f"pass '{entry.text()}' (#{i + 1}){where} failed: {e}; passes run before: {before}")

@@ -1,0 +1,49 @@
+"""Small models the tests build: transformers configs with random weights for six families,
+and the real checkpoints found through LOWBIT_DATA."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(os.environ.get("LOWBIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+STORIES = DATA / "stories260K" / "stories260K.bin"
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
+
+
+def need_data(*parts) -> Path:
+    p = DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared data not found: {p} (set LOWBIT_DATA)")
+    return p
+
+
+def tiny_config(family: str):
+    from transformers import AutoConfig
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+    if family == "mistral":
+        kw["sliding_window"] = None
+    return AutoConfig.for_model(family, **kw)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A random-weight model; norm weights are randomized too so folding them is a real test."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if family == "gemma" else 1.0))
+    return model
+
+
+def tiny_ir(family: str, seed: int = 0):
+    from lowbit.ir.capture import capture
+    from lowbit.ir.graph import ModelInfo
+    model = tiny_model(family, seed)
+    info = ModelInfo(family, model.config.vocab_size, model.config.max_position_embeddings, f"tiny-{family}", "")
+    return capture(model, info), model

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from lowbit.ir.printer import format_ir
+from lowbit.passes import PassContext
+from lowbit.passes.fold_norms import FoldNorms
+from models import FAMILIES, tiny_ir
+
+aten = torch.ops.aten
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def scale_muls(ir):
+    """mul nodes reading a norm-weight parameter (directly or through +1)."""
+    return [n for n in ir.graph.nodes if n.target is aten.mul.Tensor and any(
+        getattr(a, "op", None) == "get_attr" or getattr(a, "target", None) is aten.add.Tensor for a in n.args)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_norms_exact_and_structural(family):
+    ir, model = tiny_ir(family)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+    before = {n.name for n in ir.analysis.norms if n.weight}
+    res = FoldNorms().run(ir, PassContext())
+    assert res.modified is True
+    assert rel(ir(x), ref) <= 1e-4
+    after = ir.analysis
+    still = {n.name for n in after.norms if n.weight}
+    if family == "qwen3":   # q/k norms feed RoPE, not a linear: they stay, with a reason
+        assert len(still) == 4 and all("not a linear" in why for why in res.stats["skipped"].values())
+    else:
+        assert still == set() and res.stats["skipped"] == {}
+    assert res.stats["folded"] == len(before) - len(still)
+    for norm in after.norms:
+        if norm.weight is None:
+            assert norm.output is norm.normalized and all(c.node.args[0] is norm.normalized for c in norm.consumers)
+    if family == "gemma":   # tied lm_head is untied so the embedding keeps its weight
+        assert res.stats["untied"] == ["lm_head"] and not after.tied_embedding
+
+
+def test_fold_norms_idempotent_and_not_firing():
+    ir, _ = tiny_ir("llama")
+    FoldNorms().run(ir, PassContext())
+    text = format_ir(ir)
+    res = FoldNorms().run(ir, PassContext())
+    assert res.modified is False and format_ir(ir) == text
+
+
+def test_fold_norms_stories(stories_ir, stories_model):
+    x = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        ref = stories_model(x).logits
+    assert FoldNorms().run(stories_ir, PassContext()).modified
+    assert rel(stories_ir(x), ref) <= 1e-4

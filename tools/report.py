@@ -1,0 +1,104 @@
+"""Sizes and bits per weight, computed from what an artifact actually stores."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from lowbit.ir import meta
+from lowbit.ir.artifact import read_manifest
+from lowbit.ir.graph import short_name
+
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def storage(ir) -> dict:
+    """Bits per weight of the quantized linears (codes + scales + zero points) and model size, from
+    the live IR's tensors and graph."""
+    sizes = {name: t.numel() * t.element_size() for name, t in ir.referenced_tensors().items()}
+    return _summarize(sizes, _quantized(_graph_rows(ir.graph)))
+
+
+def artifact_storage(path) -> dict:
+    path = Path(path)
+    sizes = {}
+    with safe_open(path / "weights.safetensors", framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            sizes[k] = n * _BYTES[sl.get_dtype()]
+    nodes = json.loads((path / "graph.json").read_text())
+    return _summarize(sizes, _quantized(nodes, from_json=True))
+
+
+def _graph_rows(g):
+    return [{"name": n.name, "op": n.op, "target": n.target, "args": n.args, "meta": n.meta} for n in g.nodes]
+
+
+def _quantized(rows, from_json=False) -> list[dict]:
+    """One entry per quantized linear: its module, out x in, and the tensors holding it."""
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for r in rows:
+        q = r["meta"].get(meta.QUANT)
+        if not q:
+            continue
+        args = r["args"]["list"] if from_json else r["args"]
+        w = args[1]
+        deq = by_name[w["node"] if from_json else w.name]
+        dargs = deq["args"]["list"] if from_json else deq["args"]
+        tensors = [by_name[a["node"] if from_json else a.name]["target"] for a in dargs[:3] if a is not None]
+        out.append({"module": r["meta"].get(meta.MODULE, r["name"]), "in": dargs[5], "tensors": tensors, **q})
+    return out
+
+
+def _summarize(sizes: dict[str, int], quant: list[dict]) -> dict:
+    q_tensors = {t for q in quant for t in q["tensors"]}
+    rows = []
+    n_w = q_bytes = 0
+    for q in quant:
+        b = sum(sizes[t] for t in q["tensors"])
+        qweight = q["tensors"][0]
+        out_f = sizes[qweight] // -(-q["in"] * q["bits"] // 8)
+        w = out_f * q["in"]
+        n_w += w
+        q_bytes += b
+        rows.append({"module": q["module"], "shape": [out_f, q["in"]], "bits": q["bits"], "group": q["group"],
+                     "sym": q["sym"], "bits_per_weight": round(8 * b / w, 4)})
+    other = sum(v for k, v in sizes.items() if k not in q_tensors)
+    return {"quantized_linears": len(rows), "quantized_weights": n_w,
+            "bits_per_weight": round(8 * q_bytes / n_w, 4) if n_w else None,
+            "quantized_bytes": q_bytes, "other_bytes": other, "total_bytes": q_bytes + other, "linears": rows}
+
+
+def inspect_artifact(path) -> dict:
+    man = read_manifest(path)
+    return {"artifact": str(path), "model": man.get("model", {}), "pipeline": man.get("pipeline"),
+            "passes": man.get("passes", []), "storage": artifact_storage(path),
+            "manifest": {k: v for k, v in man.items() if k not in ("passes", "model", "pipeline_entries")}}
+
+
+def format_inspect(rep: dict) -> str:
+    st = rep["storage"]
+    lines = [f"artifact  {rep['artifact']}",
+             f"model     {rep['model'].get('source')} ({rep['model'].get('family')})",
+             f"pipeline  {rep['pipeline']}", "", "passes:"]
+    for p in rep["passes"]:
+        keep = {k: v for k, v in p.items() if k not in ("pass", "config", "weight_sqnr_db", "contract")}
+        lines.append(f"  {p['pass']}  [{p.get('contract')}]")
+        lines.append("      " + ", ".join(f"{k}={v}" for k, v in keep.items()))
+    lines += ["", f"quantized linears: {st['quantized_linears']}  weights: {st['quantized_weights']:,}  "
+                  f"bits/weight (codes+scales+zeros): {st['bits_per_weight']}",
+              f"size: {st['total_bytes'] / 2**20:.2f} MiB ({st['quantized_bytes'] / 2**20:.2f} MiB quantized, "
+              f"{st['other_bytes'] / 2**20:.2f} MiB other tensors)"]
+    if st["linears"]:
+        lines.append("")
+        lines.append(f"  {'linear':<44} {'shape':>12} {'bits':>4} {'group':>5} {'sym':>5} {'bpw':>7}")
+        for r in st["linears"]:
+            shape = "x".join(map(str, r["shape"]))
+            lines.append(f"  {short_name(r['module']):<44} {shape:>12} {r['bits']:>4} {r['group']:>5} "
+                         f"{str(r['sym']).lower():>5} {r['bits_per_weight']:>7}")
+    return "\n".join(lines)
