@@ -64,10 +64,11 @@ class Attention:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    rope_q: fx.Node | None    # node producing q after RoPE
+    rope_q: fx.Node | None    # node producing whole-head q after RoPE
     rope_k: fx.Node | None
     q_norm: Norm | None
     k_norm: Norm | None
+    v_rows: tuple[int, int]   # rows of v's weight that produce the values (a slice when fused)
 
     @property
     def fused_qkv(self) -> bool:
@@ -133,8 +134,16 @@ def _is(n, *targets) -> bool:
 
 
 def _shape(n: fx.Node):
+    """Shape from export's fake tensor, else from the type string passes and artifacts carry
+    ('f32[batch,4,seq,16]' -> ('batch', 4, 'seq', 16))."""
     v = n.meta.get("val")
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    typ = n.meta.get(meta.TYPE, "")
+    if "[" not in typ or typ.startswith("("):
+        return None
+    dims = typ[typ.index("[") + 1:-1]
+    return tuple(int(d) if d.isdigit() else d for d in dims.split(",")) if dims else ()
 
 
 def _linear(n: fx.Node, ir) -> Linear:
@@ -274,13 +283,22 @@ def _one_linear(G, start, linears, what) -> Linear:
     return linears[found[0].name]
 
 
-def _rope(G, lin: Linear, end: fx.Node) -> fx.Node | None:
-    """The last `add` between a projection and the attention input whose ancestors contain
-    rotate_half (neg -> cat): where RoPE is applied."""
+def _rope(G, lin: Linear, end: fx.Node, head_dim: int) -> fx.Node | None:
+    """Where RoPE has been applied: the last `add` between a projection and the attention input
+    whose ancestors contain rotate_half (neg -> cat), followed forward to the first node holding
+    whole heads (partial rotary concatenates the unrotated part after it)."""
     between = nx.descendants(G.g, lin.node) & (nx.ancestors(G.g, end) | {end})
     ropes = [n for n in between if _is(n, aten.add.Tensor)
              and any(_is(a, aten.neg.default) for a in nx.ancestors(G.g, n) & between)]
-    return max(ropes, key=lambda n: n.meta.get(meta.HANDLE, 0)) if ropes else None
+    if not ropes:
+        return None
+    cur = max(ropes, key=lambda n: n.meta.get(meta.HANDLE, 0))
+    while (_shape(cur) or (0,))[-1] != head_dim:
+        nxt = [u for u in cur.users if u in between]
+        if len(nxt) != 1:
+            raise StructureError(cur, "one path from RoPE to the attention input")
+        cur = nxt[0]
+    return cur
 
 
 def _block(norm, add, branch_out, G, linears, norms) -> Block:
@@ -303,15 +321,8 @@ def _attention(sdpa, G, linears, norms) -> Attention:
     if not qs or len(qs) != 4:
         raise StructureError(q_in, "a [batch, heads, seq, head_dim] query")
     n_heads, head_dim = int(qs[1]), int(qs[3])
-    # kv width: the k projection's own output, or its slice of a fused qkv output
-    first = G.nearest(k.node, True, lambda m: True)
-    k_path = [m for m in first if G.depends(k_in, m)]
-    if q.node is k.node:
-        if len(k_path) != 1 or not _is(k_path[0], aten.slice.Tensor):
-            raise StructureError(k.node, "a fused qkv projection split by slices")
-        width = int(_shape(k_path[0])[-1])
-    else:
-        width = k.out_features
+    k_rows, v_rows = _rows(G, k, k_in), _rows(G, v, v_in)
+    width = k_rows[1] - k_rows[0]
     if width % head_dim:
         raise StructureError(k.node, f"a key width ({width}) divisible by head_dim ({head_dim})")
 
@@ -319,7 +330,20 @@ def _attention(sdpa, G, linears, norms) -> Attention:
         return next((nm for nm in norms if G.depends(nm.input, lin.node) and G.depends(end, nm.output)), None)
 
     return Attention(sdpa, q, k, v, linears[outs[0].name], n_heads, width // head_dim, head_dim,
-                     _rope(G, q, q_in), _rope(G, k, k_in), qk_norm(q, q_in), qk_norm(k, k_in))
+                     _rope(G, q, q_in, head_dim), _rope(G, k, k_in, head_dim), qk_norm(q, q_in), qk_norm(k, k_in),
+                     v_rows)
+
+
+def _rows(G, lin: Linear, end: fx.Node) -> tuple[int, int]:
+    """Output rows of `lin` that reach `end`: all of them, or one slice of a fused projection."""
+    if len(lin.node.users) == 1:
+        return 0, lin.out_features
+    on_path = [u for u in lin.node.users if G.depends(end, u)]
+    sl = on_path[0] if len(on_path) == 1 else None
+    if sl is None or not _is(sl, aten.slice.Tensor) or sl.args[1] not in (-1, len(_shape(lin.node)) - 1):
+        raise StructureError(lin.node, "a fused projection split into q/k/v by slices of its last dim")
+    start, stop = sl.args[2], sl.args[3] if len(sl.args) > 3 else lin.out_features
+    return int(start), int(min(stop, lin.out_features))
 
 
 def _mlp(norm, branch_out, G, linears) -> MLP:

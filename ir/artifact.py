@@ -3,6 +3,7 @@
     manifest.json       versions, seed, source and calibration hashes, pipeline, per-pass stats
     graph.json          the IR graph: nodes with op, target, arguments and lowbit metadata
     weights.safetensors every tensor the graph reads (packed integer weights, scales, ...)
+    extras.safetensors  tensors kept for repeating a compile (learned rotations), if any
     tokenizer/          the source model's tokenizer
 
 Nothing is pickled: the graph is JSON, op targets are resolved by name (aten ops, `lowbit` ops,
@@ -132,6 +133,8 @@ def save_artifact(ir: IR, out: Path, manifest: dict, force: bool = False):
         # clone: safetensors refuses tensors that share storage (tied weights)
         tensors = {name: t.contiguous().clone() for name, t in ir.referenced_tensors().items()}
         save_file(tensors, tmp / "weights.safetensors")
+        if ir.extra_tensors:
+            save_file({k: v.contiguous() for k, v in ir.extra_tensors.items()}, tmp / "extras.safetensors")
         (tmp / "graph.json").write_text(json.dumps(graph_to_json(ir.graph)))
         if ir.tokenizer is not None:
             (tmp / "tokenizer").mkdir()
@@ -180,6 +183,8 @@ def load_artifact(path) -> IR:
     ir._next_handle = 1 + max(n.meta.get(meta.HANDLE, 0) for n in g.nodes)
     ir.passes_run = list(man.get("pipeline_entries", []))
     ir.stats = man.get("passes", [])
+    if (path / "extras.safetensors").exists():
+        ir.extra_tensors = load_file(path / "extras.safetensors")
     tok_dir = path / "tokenizer"
     ir.tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
     return ir

@@ -37,6 +37,7 @@ class IR:
         self.tokenizer = tokenizer
         self.passes_run: list[str] = []    # pipeline entries applied so far, as text
         self.stats: list[dict] = []         # per-pass results, in order
+        self.extra_tensors: dict[str, torch.Tensor] = {}   # kept with the artifact, not read by the graph
         self._analysis = None
         self._next_handle = 1 + max((n.meta.get(meta.HANDLE, 0) for n in gm.graph.nodes), default=0)
 

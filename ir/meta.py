@@ -5,5 +5,7 @@ MODULE = "lowbit_module"        # str: module path of a linear/embedding in the 
 TYPE = "lowbit_type"            # str: "f32[s0,s1,576]": dtype and shape, symbolic dims by name
 CREATED_BY = "lowbit_created_by"  # str: the pass that created the node (provenance instrument)
 QUANT = "lowbit_quant"          # dict: how a linear's weight is stored (method, bits, group, sym, ...)
+ROTATIONS = "lowbit_rotations"  # list[str]: rotations fused into a linear ("R1 in", "R1^T out", ...)
+ROTATED = "lowbit_rotated"      # dict on the embedding node: the residual-stream rotation applied
 
-SERIALIZED = (HANDLE, MODULE, TYPE, CREATED_BY, QUANT)
+SERIALIZED = (HANDLE, MODULE, TYPE, CREATED_BY, QUANT, ROTATIONS, ROTATED)

@@ -144,6 +144,8 @@ class PassManager:
     def _error(self, i, entry, e, node) -> PipelineError:
         before = ", ".join(x.text() for x in self.entries[:i]) or "none"
         where = ""
-        if node is not None:
+        if isinstance(node, str):   # StructureError carries the node's name
+            where = f" at node '{node}'"
+        elif node is not None:
             where = f" at node '{node.name}' (handle {node.meta.get(meta.HANDLE, '?')})"
         return PipelineError(f"pass '{entry.text()}' (#{i + 1}){where} failed: {e}; passes run before: {before}")

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.ir import meta
+from lowbit.ir.hadamard import hadamard, hadamard_matrix, supported
+
+from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
+
+_OP = hadamard._opoverload
+
+
+@register
+class InsertHadamard(Pass):
+    """Online Hadamard transforms: R4 on the MLP down projection's input (inverse fused), R3 on q and k after RoPE."""
+    name = "insert-hadamard"
+
+    @dataclass(frozen=True)
+    class Config:
+        r3: bool = True
+        r4: bool = True
+
+    def contract(self):
+        return Exact(1e-4)
+
+    def run(self, ir, ctx: PassContext) -> PassResult:
+        s = ir.analysis
+        r3 = r4 = 0
+        if self.config.r4:
+            for m in s.mlps:
+                down = m.down
+                x = down.node.args[0]
+                if getattr(x, "target", None) is _OP:
+                    continue   # already inserted: idempotent
+                if down.quantized:
+                    raise PassFailure(f"'{down.name}' is already quantized; insert Hadamard before quantize-weights",
+                                      down.node)
+                n = down.in_features
+                if not supported(n):
+                    raise PassFailure(f"no Hadamard transform of order {n} for '{down.name}'s input", down.node)
+                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q = H_n / sqrt(n) orthogonal
+                h = self._insert_after(ir, x, only_user=down.node)
+                q = hadamard_matrix(n) / n ** 0.5
+                ir.set_tensor(down.weight, (ir.tensor(down.weight).double() @ q).float())
+                down.node.meta.setdefault(meta.ROTATIONS, []).append("R4 in (online Hadamard)")
+                h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
+                r4 += 1
+        if self.config.r3:
+            for a in s.attentions:
+                for rope, what in ((a.rope_q, "q"), (a.rope_k, "k")):
+                    if rope is None:
+                        raise PassFailure(f"no RoPE found on the {what} path: R3 goes after RoPE", a.sdpa)
+                    if any(u.target is _OP for u in rope.users):
+                        continue
+                    if not supported(a.head_dim):
+                        raise PassFailure(f"no Hadamard transform of order {a.head_dim} (head_dim)", rope)
+                    # q H and k H cancel inside q k^T: exact, and the cached keys are rotated
+                    h = self._insert_after(ir, rope)
+                    h.meta[meta.TYPE] = rope.meta.get(meta.TYPE, "")
+                    r3 += 1
+        if not (r3 or r4):
+            return PassResult(False)
+        ir.changed()
+        return PassResult(True, {"r3": r3, "r4": r4})
+
+    @staticmethod
+    def _insert_after(ir, x, only_user=None):
+        with ir.graph.inserting_after(x):
+            h = ir.graph.call_function(_OP, (x,))
+        ir.stamp(h)
+        if only_user is not None:
+            only_user.replace_input_with(x, h)
+        else:
+            x.replace_all_uses_with(h, delete_user_cb=lambda u: u is not h)
+        return h
