@@ -97,33 +97,44 @@ def _codes(wg, scale, zero, bits):
 
 
 def fit_groups(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False, grid: int = 20,
-               min_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group scale [N, G] and zero point [N, G] for W [N, K] (float64 math).
+               min_ratio: float = 0.5, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale [N, G] and zero point [N, G] for W [N, K] (math in `dtype`).
 
     clip_search: shrink each group's range by ratios in [min_ratio, 1] and keep, per group, the
     ratio with the least squared reconstruction error (scales are rounded to fp16 first, as
     stored)."""
-    wg = _grouped(w.double(), spec.group_size(w.shape[1]))
+    wg = _grouped(w.to(dtype), spec.group_size(w.shape[1]))
     scale, zero = _fit(wg, spec)
     if not clip_search:
-        return scale.half().double(), zero
-    best_err = torch.full(scale.shape, math.inf, dtype=torch.float64)
+        return scale.half().to(dtype), zero
+    best_err = torch.full(scale.shape, math.inf, dtype=dtype)
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
         s, z = _fit(wg * ratio, spec)
-        s = s.half().double()
+        s = s.half().to(dtype)
         err = ((_codes(wg, s, z, spec.bits) - z[..., None]) * s[..., None] - wg).pow(2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
-    return scale.half().double(), zero
+    return scale.half().to(dtype), zero
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes [N, K] (int32) of W [N, K] under per-group scale/zero [N, G]."""
+    """Integer codes [N, K] (int32) of W [N, K] under per-group scale/zero [N, G] (in scale's dtype)."""
     n, k = w.shape
-    codes = _codes(_grouped(w.double(), spec.group_size(k)), scale, zero, spec.bits)
+    codes = _codes(_grouped(w.to(scale.dtype), spec.group_size(k)), scale, zero, spec.bits)
     return codes.reshape(n, -1)[:, :k].to(torch.int32)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> torch.Tensor:
+    """RTN quantize-dequantize of W in W's dtype, passing gradients straight through (STE)."""
+    with torch.no_grad():
+        k = w.shape[1]
+        scale, zero = fit_groups(w.detach(), spec, clip_search, dtype=w.dtype)
+        codes = quantize(w.detach(), scale, zero, spec)
+        g = torch.arange(k) // spec.group_size(k)
+        w_hat = (codes.to(w.dtype) - zero[:, g]) * scale[:, g]
+    return w + (w_hat - w).detach()
 
 
 @dataclass

@@ -43,6 +43,7 @@ class PassContext:
     seed: int = 0
     calib: torch.Tensor | None = None     # [n, ctx] token windows from calibration text
     progress: bool = False
+    later: tuple = ()                     # pipeline entries after the running pass (set by the manager)
 
 
 class PassFailure(LowbitError):

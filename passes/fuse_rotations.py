@@ -30,6 +30,54 @@ def make_rotation(kind: str, n: int, seed: int) -> torch.Tensor:
     return random_orthogonal(n, seed)
 
 
+def stream_readers(s):
+    """Linears reading the residual stream (through a pure normalization), lm_head included."""
+    return [lin for b in s.blocks for lin in b.norm.consumers] + s.final_norm.consumers
+
+
+def stream_writers(s):
+    """Linears whose output is added into the residual stream."""
+    return [b.attention.o if b.attention else b.mlp.down for b in s.blocks]
+
+
+def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The tensors a rotation changes, computed without touching the IR (pure, differentiable).
+
+    R1 (row vectors: x_rot = x R1): embedding E R1; stream readers W R1; stream writers R1^T W,
+    bias b R1. R2 per attention (shared by its heads, so grouped-query attention is unaffected):
+    each value head's rows R2^T W_v,h (bias b_h R2) and o's input columns per head W_o,h R2.
+    A tensor read by several of these roles (tied embedding and lm_head) is rotated once."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(target, fn):
+        if target not in out:
+            out[target] = fn(get(target))
+
+    def cur(target):
+        return out[target] if target in out else get(target)
+
+    put(s.embedding_weight, lambda e: e @ r1)
+    for lin in stream_readers(s):
+        put(lin.weight, lambda w: w @ r1)
+    for lin in stream_writers(s):
+        put(lin.weight, lambda w: r1.T @ w)
+        if lin.bias:
+            put(lin.bias, lambda b: b @ r1)
+    for a, r2 in zip(s.attentions, r2s or []):
+        start, stop, hd = *a.v_rows, a.head_dim
+
+        def v_fn(w, start=start, stop=stop, r2=r2, hd=hd):
+            heads = w[start:stop].reshape(-1, hd, *w.shape[1:])     # [kv_heads, hd, (in)]
+            rot = torch.einsum("ji,hj...->hi...", r2, heads).reshape(stop - start, *w.shape[1:])
+            return torch.cat([w[:start], rot, w[stop:]])
+        out[a.v.weight] = v_fn(cur(a.v.weight))
+        if a.v.bias:
+            out[a.v.bias] = v_fn(cur(a.v.bias))
+        w = cur(a.o.weight)
+        out[a.o.weight] = (w.reshape(w.shape[0], -1, hd) @ r2).reshape(w.shape)
+    return out
+
+
 def _note(node: fx.Node, text: str):
     node.meta.setdefault(meta.ROTATIONS, []).append(text)
 
@@ -61,52 +109,28 @@ class FuseRotations(Pass):
                 return PassResult(False, {"already": done})
             raise PassFailure(f"the residual stream is already rotated ({done}); refusing to rotate it again",
                               s.embedding)
-        self._check(s)
+        check_rotatable(s)
+        if c.r2:
+            for a in s.attentions:
+                check_head_path(a)
         d = ir.tensor(s.embedding_weight).shape[1]
         r1 = self._matrix(ir, LEARNED_R1, d, c.seed)
-        rotated: set[str] = set()
-
-        def rotate(target: str, fn):
-            if target not in rotated:   # a tensor read twice (tied embedding and lm_head) turns once
-                ir.set_tensor(target, fn(ir.tensor(target).double()).float())
-                rotated.add(target)
-
-        # R1: embedding rows and every stream reader get W R1; every stream writer gets R1^T W, b R1
-        rotate(s.embedding_weight, lambda e: e @ r1)
-        readers = [lin for b in s.blocks for lin in b.norm.consumers] + s.final_norm.consumers
-        for lin in readers:
-            rotate(lin.weight, lambda w: w @ r1)
+        r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) for i, a in enumerate(s.attentions)] \
+            if c.r2 else None
+        new = rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s)
+        for target, t in new.items():
+            ir.set_tensor(target, t.float())
+        for lin in stream_readers(s):
             _note(lin.node, "R1 in")
-        for b in s.blocks:
-            lin = b.attention.o if b.attention else b.mlp.down
-            rotate(lin.weight, lambda w: r1.T @ w)
-            if lin.bias:
-                rotate(lin.bias, lambda bias: bias @ r1)
+        for lin in stream_writers(s):
             _note(lin.node, "R1^T out")
-        n_r2 = 0
-        if c.r2:
-            for i, a in enumerate(s.attentions):
-                self._check_head_path(a)
-                r2 = self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i)
-                start, stop = a.v_rows
-                hd = a.head_dim
-
-                def v_fn(w, start=start, stop=stop, r2=r2, hd=hd):
-                    w = w.clone()
-                    heads = w[start:stop].reshape(-1, hd, *w.shape[1:])       # [kv_heads, hd, (in)]
-                    w[start:stop] = torch.einsum("ji,hj...->hi...", r2, heads).reshape(stop - start, *w.shape[1:])
-                    return w
-                rotate(a.v.weight, v_fn)
-                if a.v.bias:
-                    rotate(a.v.bias, v_fn)
-                rotate(a.o.weight, lambda w, r2=r2, hd=hd: (w.reshape(w.shape[0], -1, hd) @ r2).reshape(w.shape))
-                _note(a.v.node, "R2^T out (per head)")
-                _note(a.o.node, "R2 in (per head)")
-                n_r2 += 1
+        for a in s.attentions if c.r2 else []:
+            _note(a.v.node, "R2^T out (per head)")
+            _note(a.o.node, "R2 in (per head)")
         s.embedding.meta[meta.ROTATED] = {"kind": c.kind, "seed": c.seed, "r2": c.r2}
         ir.changed()
-        return PassResult(True, {"kind": c.kind, "dim": d, "readers": len(readers), "writers": len(s.blocks),
-                                 "r2_layers": n_r2})
+        return PassResult(True, {"kind": c.kind, "dim": d, "readers": len(stream_readers(s)),
+                                 "writers": len(s.blocks), "r2_layers": len(r2s or [])})
 
     def _matrix(self, ir, learned_target: str, n: int, seed: int) -> torch.Tensor:
         if self.config.kind == "learned":
@@ -117,60 +141,58 @@ class FuseRotations(Pass):
             raise PassFailure(f"no Hadamard matrix of order {n} (use kind=orthogonal)")
         return make_rotation(self.config.kind, n, seed)
 
-    @staticmethod
-    def _check(s):
-        """find/check: norms reading the stream are pure normalizations, writers are linears, the
-        embedding scale (if any) is a scalar, and nothing else reads the stream."""
-        for norm in [b.norm for b in s.blocks] + [s.final_norm]:
-            if norm.weight is not None:
-                raise PassFailure(f"needs folded norms: '{norm.name}' still scales the stream (run fold-norms first)",
-                                  norm.output)
-            if norm.other_users:
-                raise PassFailure(f"norm output is read by '{norm.other_users[0].name}', not only by linears",
-                                  norm.output)
-        for b in s.blocks:
-            lin = b.attention.o if b.attention else b.mlp.down
-            if lin.node not in b.add.args:
-                raise PassFailure(f"residual branch ends in '{lin.name}' through other ops; its output cannot be rotated",
-                                  b.add)
-            if lin.quantized:
-                raise PassFailure(f"'{lin.name}' is already quantized; rotate before quantize-weights", lin.node)
-        scale = s.stream[0]
-        if scale is not s.embedding:
-            other = [a for a in scale.args if a is not s.embedding]
-            if not all(isinstance(a, (int, float)) or (a.meta.get("val") is not None and a.meta["val"].numel() == 1)
-                       for a in other):
-                raise PassFailure("the embedding is scaled per channel; a rotation does not commute with it", scale)
-        allowed = set(s.stream[1:])   # the next residual add, and the norm reading the value
-        for norm in [b.norm for b in s.blocks] + [s.final_norm]:
-            allowed |= {norm.normalized} | {u for u in norm.input.users if u.target is aten.pow.Tensor_Scalar}
-        for v in s.stream:
-            for u in v.users:
-                if u not in allowed:
-                    raise PassFailure(f"the residual stream is read by '{u.name}', which a rotation would change", u)
 
-    @staticmethod
-    def _check_head_path(a):
-        """R2 must pass from v to o through layout ops only (no value mixing within a head)."""
-        todo, seen = [a.v.node], set()
-        while todo:
-            n = todo.pop()
-            for u in n.users:
-                if u is a.sdpa:
-                    if u.args[2] is not n:
-                        raise PassFailure("the value projection feeds attention other than as values", u)
-                    continue
-                if u in seen:
-                    continue
-                seen.add(u)
-                if n is a.v.node and a.fused_qkv and u.target is aten.slice.Tensor and u.args[2] != a.v_rows[0]:
-                    continue   # the q or k slice of a fused projection
-                if u.target not in _LAYOUT_OPS:
-                    raise PassFailure(f"R2 cannot pass '{u.name}' ({u.target}) between v and attention", u)
-                todo.append(u)
-        cur = a.sdpa
-        while cur is not a.o.node:
-            nxt = list(cur.users)
-            if len(nxt) != 1 or (nxt[0] is not a.o.node and nxt[0].target not in _LAYOUT_OPS):
-                raise PassFailure("attention output reaches o_proj through ops other than layout changes", cur)
-            cur = nxt[0]
+def check_rotatable(s):
+    """find/check: norms reading the stream are pure normalizations, writers are linears, the
+    embedding scale (if any) is a scalar, and nothing else reads the stream."""
+    for norm in [b.norm for b in s.blocks] + [s.final_norm]:
+        if norm.weight is not None:
+            raise PassFailure(f"needs folded norms: '{norm.name}' still scales the stream (run fold-norms first)",
+                              norm.output)
+        if norm.other_users:
+            raise PassFailure(f"norm output is read by '{norm.other_users[0].name}', not only by linears",
+                              norm.output)
+    for b, lin in zip(s.blocks, stream_writers(s)):
+        if lin.node not in b.add.args:
+            raise PassFailure(f"residual branch ends in '{lin.name}' through other ops; its output cannot be rotated",
+                              b.add)
+        if lin.quantized:
+            raise PassFailure(f"'{lin.name}' is already quantized; rotate before quantize-weights", lin.node)
+    scale = s.stream[0]
+    if scale is not s.embedding:
+        other = [a for a in scale.args if a is not s.embedding]
+        if not all(isinstance(a, (int, float)) or (a.meta.get("val") is not None and a.meta["val"].numel() == 1)
+                   for a in other):
+            raise PassFailure("the embedding is scaled per channel; a rotation does not commute with it", scale)
+    allowed = set(s.stream[1:])   # the next residual add, and the norm reading the value
+    for norm in [b.norm for b in s.blocks] + [s.final_norm]:
+        allowed |= {norm.normalized} | {u for u in norm.input.users if u.target is aten.pow.Tensor_Scalar}
+    for v in s.stream:
+        for u in v.users:
+            if u not in allowed:
+                raise PassFailure(f"the residual stream is read by '{u.name}', which a rotation would change", u)
+
+def check_head_path(a):
+    """R2 must pass from v to o through layout ops only (no value mixing within a head)."""
+    todo, seen = [a.v.node], set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u is a.sdpa:
+                if u.args[2] is not n:
+                    raise PassFailure("the value projection feeds attention other than as values", u)
+                continue
+            if u in seen:
+                continue
+            seen.add(u)
+            if n is a.v.node and a.fused_qkv and u.target is aten.slice.Tensor and u.args[2] != a.v_rows[0]:
+                continue   # the q or k slice of a fused projection
+            if u.target not in _LAYOUT_OPS:
+                raise PassFailure(f"R2 cannot pass '{u.name}' ({u.target}) between v and attention", u)
+            todo.append(u)
+    cur = a.sdpa
+    while cur is not a.o.node:
+        nxt = list(cur.users)
+        if len(nxt) != 1 or (nxt[0] is not a.o.node and nxt[0].target not in _LAYOUT_OPS):
+            raise PassFailure("attention output reaches o_proj through ops other than layout changes", cur)
+        cur = nxt[0]

@@ -123,6 +123,7 @@ class PassManager:
             inst.start(ir, ctx)
         for i, entry in enumerate(self.entries):
             p = entry.make()
+            ctx.later = tuple(self.entries[i + 1:])
             try:
                 for inst in self.instruments:
                     inst.before(i, entry, p, ir, ctx)

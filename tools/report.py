@@ -74,10 +74,17 @@ def _summarize(sizes: dict[str, int], quant: list[dict]) -> dict:
             "quantized_bytes": q_bytes, "other_bytes": other, "total_bytes": q_bytes + other, "linears": rows}
 
 
+def rotations(path) -> dict[str, list[str]]:
+    """Which rotations each linear received, by module path (fuse-rotations / insert-hadamard)."""
+    nodes = json.loads((Path(path) / "graph.json").read_text())
+    return {short_name(n["meta"].get(meta.MODULE, n["name"])): n["meta"][meta.ROTATIONS]
+            for n in nodes if meta.ROTATIONS in n["meta"]}
+
+
 def inspect_artifact(path) -> dict:
     man = read_manifest(path)
     return {"artifact": str(path), "model": man.get("model", {}), "pipeline": man.get("pipeline"),
-            "passes": man.get("passes", []), "storage": artifact_storage(path),
+            "passes": man.get("passes", []), "storage": artifact_storage(path), "rotations": rotations(path),
             "manifest": {k: v for k, v in man.items() if k not in ("passes", "model", "pipeline_entries")}}
 
 
@@ -94,6 +101,9 @@ def format_inspect(rep: dict) -> str:
                   f"bits/weight (codes+scales+zeros): {st['bits_per_weight']}",
               f"size: {st['total_bytes'] / 2**20:.2f} MiB ({st['quantized_bytes'] / 2**20:.2f} MiB quantized, "
               f"{st['other_bytes'] / 2**20:.2f} MiB other tensors)"]
+    if rep["rotations"]:
+        lines += ["", "rotations:"]
+        lines += [f"  {mod:<44} {', '.join(rs)}" for mod, rs in rep["rotations"].items()]
     if st["linears"]:
         lines.append("")
         lines.append(f"  {'linear':<44} {'shape':>12} {'bits':>4} {'group':>5} {'sym':>5} {'bpw':>7}")

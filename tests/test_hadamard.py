@@ -1,0 +1,48 @@
+import math
+
+import pytest
+import torch
+
+from lowbit.ir.hadamard import BASE_ORDERS, factor, fwht, hadamard, hadamard_matrix, random_hadamard, random_orthogonal
+
+# every base order alone and with powers of two, and the sizes of the two real models (dense
+# references are O(n^3): sizes stay at or under 4096)
+SIZES = [1, 2, 4, 8, 64, 1024, 4096] + [k * p for k in BASE_ORDERS for p in (1, 2, 16)] + [576, 1536]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_orthogonal_and_fast_matches_dense(n):
+    h = hadamard_matrix(n)
+    assert h.shape == (n, n) and torch.equal(h.abs(), torch.ones_like(h))
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ h / math.sqrt(n), atol=1e-10)
+    y = torch.randn(2, n)   # the op, float32: orthogonal, so norms are kept
+    assert torch.allclose(hadamard(y).norm(dim=-1), y.norm(dim=-1), rtol=1e-5)
+
+
+def test_fast_transform_is_not_a_dense_matmul():
+    """O(n log n): the op never builds an n x n matrix (at most the K x K base)."""
+    n = 172 * 64
+    allocated = []
+    orig = torch.kron
+    torch.kron = lambda *a: allocated.append(a) or orig(*a)
+    try:
+        fwht(torch.randn(2, n))
+    finally:
+        torch.kron = orig
+    assert allocated == []
+
+
+def test_unsupported_sizes():
+    for n in (3, 6, 44, 88, 100, 11 * 64, 25 * 16, 0):
+        assert factor(n) is None
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
+        hadamard_matrix(100)
+
+
+@pytest.mark.parametrize("make", [random_hadamard, random_orthogonal])
+def test_random_rotations_orthogonal_and_seeded(make):
+    q = make(576, 3)
+    assert torch.allclose(q @ q.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, make(576, 3)) and not torch.equal(q, make(576, 4))

@@ -1,0 +1,134 @@
+"""fuse-rotations, insert-hadamard and learn-rotations: exact contract on every family."""
+import copy
+
+import pytest
+import torch
+
+from lowbit.ir import meta
+from lowbit.ir.artifact import load_artifact, save_artifact
+from lowbit.ir.printer import format_ir
+from lowbit.passes import PassContext, PassManager, PipelineError
+from lowbit.passes.instruments import NumericDiff, Verify
+from lowbit.tools.evaluate import read_text, windows
+from models import DATA, FAMILIES, need_data, tiny_ir
+
+HAD = torch.ops.lowbit.hadamard.default
+ROTATE = "fold-norms,fuse-rotations{{kind={kind}}},insert-hadamard"
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_on_every_family(family, kind):
+    ir, model = tiny_ir(family)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+    nd = NumericDiff(x)
+    PassManager(ROTATE.format(kind=kind), [Verify(), nd]).run(ir)
+    assert rel(ir(x), ref) <= 1e-4
+    assert [r["pass"] for r in nd.report][1:] == [f"fuse-rotations{{kind={kind}}}", "insert-hadamard"]
+    assert all(r["rel_err"] <= 1e-4 for r in nd.report)
+    s = ir.analysis
+    # structure: R4 before every down projection, R3 after RoPE on q and k, notes on the linears
+    assert all(m.down.node.args[0].target is HAD for m in s.mlps)
+    assert all(any(u.target is HAD for u in r.users) for a in s.attentions for r in (a.rope_q, a.rope_k))
+    assert sum(n.target is HAD for n in ir.graph.nodes) == 3 * len(s.attentions)
+    assert all("R1 in" in lin.node.meta[meta.ROTATIONS] for b in s.blocks for lin in b.norm.consumers)
+    assert all("R1^T out" in (b.attention.o if b.attention else b.mlp.down).node.meta[meta.ROTATIONS]
+               for b in s.blocks)
+    assert "R2^T out (per head)" in s.attentions[0].v.node.meta[meta.ROTATIONS]
+    assert s.embedding.meta[meta.ROTATED] == {"kind": kind, "seed": 0, "r2": True}
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_exact_on_stories(stories_ir, stories_model, kind):
+    x = torch.randint(0, 512, (2, 100))
+    with torch.no_grad():
+        ref = stories_model(x).logits
+    PassManager(ROTATE.format(kind=kind)).run(stories_ir)
+    assert rel(stories_ir(x), ref) <= 1e-4 and stories_ir.stats[-1]["r4"] == 5   # hidden 172: H_172
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_exact_on_default_model(_smol_captured, smol_model, kind):
+    ir = copy.deepcopy(_smol_captured)
+    x = torch.tensor([ir.tokenizer.encode("Rotations leave the function unchanged, up to rounding.")])
+    with torch.no_grad():
+        ref = smol_model(x).logits
+    PassManager(ROTATE.format(kind=kind)).run(ir)   # 576 = 36*16, 1536 = 12*128, head_dim 64
+    assert rel(ir(x), ref) <= 1e-4
+
+
+def test_twice_is_idempotent_or_rejected():
+    ir, _ = tiny_ir("llama")
+    PassManager(ROTATE.format(kind="hadamard")).run(ir)
+    def graph_text():   # the dump without its '# pipeline:' header, which lists every entry run
+        return format_ir(ir).split("\n", 2)[2]
+    text = graph_text()
+    res = PassManager("fuse-rotations{kind=hadamard},insert-hadamard").run(ir)
+    assert [r.modified for r in res] == [False, False] and graph_text() == text
+    with pytest.raises(PipelineError, match="already rotated.*refusing to rotate it again"):
+        PassManager("fuse-rotations{kind=orthogonal}").run(ir)
+
+
+def test_refusals_name_the_reason():
+    ir, _ = tiny_ir("llama")
+    with pytest.raises(PipelineError, match=r"needs folded norms: '.*input_layernorm.weight' still scales"):
+        PassManager("fuse-rotations").run(ir)
+    ir, _ = tiny_ir("llama")
+    with pytest.raises(PipelineError, match="already quantized; rotate before quantize-weights"):
+        PassManager("fold-norms,quantize-weights,fuse-rotations").run(ir)
+    ir, _ = tiny_ir("llama")
+    with pytest.raises(PipelineError, match="already quantized; insert Hadamard before quantize-weights"):
+        PassManager("fold-norms,quantize-weights,insert-hadamard{r3=false}").run(ir)
+    ir, _ = tiny_ir("llama")
+    with pytest.raises(PipelineError, match="needs calibration text"):
+        PassManager("fold-norms,learn-rotations,fuse-rotations{kind=learned},quantize-weights").run(ir)
+    with pytest.raises(PipelineError, match="no quantize-weights follows"):
+        PassManager("fold-norms,learn-rotations,fuse-rotations{kind=learned}").run(ir)
+    with pytest.raises(PipelineError, match="kind=learned needs 'rotations.R1' from learn-rotations"):
+        PassManager("fold-norms,fuse-rotations{kind=learned}").run(ir)
+
+
+def test_learn_rotations_on_stories(stories_ir, stories_model, tmp_path):
+    need_data("tinystories", "train-head.txt")
+    calib = windows(stories_ir.tokenizer.encode(read_text(DATA / "tinystories" / "train-head.txt")), 512, 16 * 512)
+    rotate = "fold-norms,learn-rotations{{{}}},fuse-rotations{{kind=learned}},insert-hadamard"
+    learned = copy.deepcopy(stories_ir)
+    PassManager(rotate.format("steps=8,seq=128") + ",quantize-weights{bits=3,group=-1}").run(
+        learned, PassContext(calib=calib))
+    st = learned.stats[1]
+    assert st["steps"] == 8 and st["tokens"] == 8 * 4 * 128 and st["r4"] is True
+    assert st["probe_loss_after"] < st["probe_loss_before"]
+    r1 = learned.extra_tensors["rotations.R1"]
+    assert torch.allclose(r1 @ r1.T, torch.eye(64, dtype=torch.float64), atol=1e-5)
+    assert len([k for k in learned.extra_tensors if k.startswith("rotations.R2.")]) == 5
+    # saved with the artifact; load= reuses them without learning, and the rotation alone is exact
+    save_artifact(learned, tmp_path / "a", {})
+    assert torch.equal(load_artifact(tmp_path / "a").extra_tensors["rotations.R1"], r1)
+    again = copy.deepcopy(stories_ir)
+    PassManager(rotate.format(f"load={tmp_path / 'a'}")).run(again)
+    assert again.stats[1]["loaded"] and torch.equal(again.extra_tensors["rotations.R1"], r1)
+    x = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        assert rel(again(x), stories_model(x).logits) <= 1e-4
+
+
+def test_rotated_artifact_loads_in_a_fresh_process(stories_ir, tmp_path):
+    """The artifact's graph calls lowbit.hadamard and lowbit.dequantize; loading it must register
+    them without the caller importing anything else."""
+    import subprocess
+    import sys
+    PassManager(ROTATE.format(kind="hadamard") + ",quantize-weights{bits=4,group=-1}").run(stories_ir)
+    save_artifact(stories_ir, tmp_path / "a", {})
+    x = torch.randint(0, 512, (1, 32))
+    torch.save(stories_ir(x), tmp_path / "ref.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; from lowbit.ir.artifact import load_artifact; "
+            f"ir = load_artifact(r'{tmp_path / 'a'}'); x = torch.load(r'{tmp_path / 'x.pt'}'); "
+            f"sys.exit(0 if torch.equal(ir(x), torch.load(r'{tmp_path / 'ref.pt'}')) else 1)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
