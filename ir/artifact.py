@@ -11,10 +11,10 @@ Nothing is pickled: the graph is JSON, op targets are resolved by name (aten ops
 only once complete, so an interrupted compile leaves no partial artifact."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
-import operator
 import os
 import shutil
 import tempfile
@@ -119,6 +119,24 @@ def graph_from_json(nodes: list[dict]) -> fx.Graph:
 
 
 # -- directories ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """A fresh directory beside `target` that replaces it when the block completes and is removed
+    when the block fails or is interrupted: readers never see a half-written directory."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        for p in [tmp, *tmp.rglob("*")]:   # mkdtemp makes 0700; this is ordinary data
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def is_artifact(path) -> bool:
     return (Path(path) / "manifest.json").is_file() and (Path(path) / "graph.json").is_file()
 
@@ -127,9 +145,7 @@ def save_artifact(ir: IR, out: Path, manifest: dict, force: bool = False):
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise LowbitError(f"{out} exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         # clone: safetensors refuses tensors that share storage (tied weights)
         tensors = {name: t.contiguous().clone() for name, t in ir.referenced_tensors().items()}
         save_file(tensors, tmp / "weights.safetensors")
@@ -142,14 +158,6 @@ def save_artifact(ir: IR, out: Path, manifest: dict, force: bool = False):
         full = {"format": FORMAT, **manifest, "model": vars(ir.info), "pipeline": ",".join(ir.passes_run),
                 "pipeline_entries": ir.passes_run, "passes": ir.stats}
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))
-        for p in [tmp, *tmp.rglob("*")]:   # mkdtemp makes 0700; an artifact is ordinary data
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_manifest(path) -> dict:

@@ -101,28 +101,23 @@ def default_model_dir() -> Path:
     (dequantizing GGUF takes ~20 s; loading safetensors ~1 s). Its hash file holds the GGUF's hash."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .artifact import atomic_dir
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "source.sha256").exists():
         return target
     gguf = fetch_default_gguf()
     print("lowbit: converting the default model's GGUF to safetensors (once)", file=sys.stderr)
-    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".convert-")
-    try:
+    with atomic_dir(target) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _check_finite(model, gguf)
         # transformers refuses save_pretrained on GGUF-loaded models: write weights and config directly
-        save_model(model, str(Path(tmp) / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"))
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
-        (Path(tmp) / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        (Path(tmp) / "source.sha256").write_text(sha256_files([gguf]))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "source.sha256").write_text(sha256_files([gguf]))
     return target
 
 

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import Exact, Pass, PassContext, PassResult, register
 
 

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from lowbit.ir import meta
 from lowbit.ir.hadamard import hadamard, hadamard_matrix, supported
 

@@ -57,7 +57,6 @@ def _split_top(text: str) -> list[str]:
 
 
 def parse_entry(text: str) -> Entry:
-    from . import REGISTRY as _loaded  # noqa: F401  (importing the package registers every pass)
     m = _ENTRY.match(text.strip())
     if not m:
         raise PipelineError(f"cannot parse pipeline entry {text.strip()!r}: expected name or name{{key=value,...}}")
