@@ -94,3 +94,17 @@ def test_console_script():
     errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert p.returncode == 2 and errors == [p.stderr.splitlines()[-1]] and errors[0].startswith("lowbit: error: no such model")
     assert subprocess.run([sys.executable, "-m", "lowbit.tools.cli", "passes"], capture_output=True).returncode == 0
+
+
+def test_inspect_shows_rotations(capsys, tmp_path):
+    need_data("stories260K", "stories260K.bin")
+    out = tmp_path / "rot"
+    code, _, _ = run(capsys, "compile", str(STORIES), "--out", str(out), "--recipe", "quarot-w4")
+    assert code == 0
+    code, out_text, _ = run(capsys, "inspect", str(out), "--json")
+    rot = json.loads(out_text)["rotations"]
+    assert rot["layers.0.self_attn.q_proj"] == ["R1 in"] and rot["lm_head"] == ["R1 in"]
+    assert rot["layers.0.self_attn.v_proj"] == ["R1 in", "R2^T out (per head)"]
+    assert rot["layers.0.mlp.down_proj"] == ["R1^T out", "R4 in (online Hadamard)"]
+    code, text, _ = run(capsys, "inspect", str(out))
+    assert "rotations:" in text and "R4 in (online Hadamard)" in text

