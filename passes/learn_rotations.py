@@ -37,11 +37,11 @@ class LearnRotations(Pass):
 
     @dataclass(frozen=True)
     class Config:
-        steps: int = 100
+        steps: int = 50
         lr: float = 0.05    # cap on the Cayley step (SpinQuant: 1.5; 0.05 measured best on stories260K)
         calib: int = 128    # calibration sequences (cycled through)
         seq: int = 256      # tokens per sequence
-        batch: int = 4      # sequences per step
+        batch: int = 2      # sequences per step
         seed: int = 0
         load: str = ""      # an artifact directory whose learned rotations to reuse instead of learning
 

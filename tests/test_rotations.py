@@ -102,7 +102,7 @@ def test_learn_rotations_on_stories(stories_ir, stories_model, tmp_path):
     PassManager(rotate.format("steps=8,seq=128") + ",quantize-weights{bits=3,group=-1}").run(
         learned, PassContext(calib=calib))
     st = learned.stats[1]
-    assert st["steps"] == 8 and st["tokens"] == 8 * 4 * 128 and st["r4"] is True
+    assert st["steps"] == 8 and st["tokens"] == 8 * 2 * 128 and st["r4"] is True
     assert st["probe_loss_after"] < st["probe_loss_before"]
     r1 = learned.extra_tensors["rotations.R1"]
     assert torch.allclose(r1 @ r1.T, torch.eye(64, dtype=torch.float64), atol=1e-5)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -139,14 +140,16 @@ def cmd_eval(args):
 
 
 def cmd_passes(args):
-    from lowbit.passes import REGISTRY, RECIPES
     from dataclasses import fields
+
+    from lowbit.passes import REGISTRY, RECIPES
+    from lowbit.passes.base import format_value
     print("passes:")
     for name, cls in sorted(REGISTRY.items()):
-        opts = ", ".join(f"{f.name}={f.default}" for f in fields(cls.Config))
+        opts = ",".join(f"{f.name}={format_value(f.default)}" for f in fields(cls.Config))
         print(f"  {name:<20} {cls.doc()}")
         if opts:
-            print(f"  {'':<20} options: {opts}")
+            print(f"  {'':<20} {name}{{{opts}}}")
     print("\nrecipes:")
     for name, (text, doc) in RECIPES.items():
         print(f"  {name:<20} {doc}\n  {'':<20} {text}")
@@ -241,6 +244,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("lowbit: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:   # output piped into `head` and closed: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
