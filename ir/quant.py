@@ -151,11 +151,15 @@ class PackedWeight:
                    if t is not None)
 
 
-def pack_weight(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> PackedWeight:
-    scale, zero = fit_groups(w, spec, clip_search)
-    codes = quantize(w, scale, zero, spec)
+def packed_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> PackedWeight:
     zeros = None if spec.sym else pack(zero.to(torch.int32), spec.bits)
-    return PackedWeight(pack(codes, spec.bits), scale.to(torch.float16), zeros, spec, w.shape[1])
+    return PackedWeight(pack(codes, spec.bits), scale.to(torch.float16), zeros, spec, codes.shape[1])
+
+
+def pack_weight(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> PackedWeight:
+    """Round-to-nearest."""
+    scale, zero = fit_groups(w, spec, clip_search)
+    return packed_from_codes(quantize(w, scale, zero, spec), scale, zero, spec)
 
 
 @torch.library.custom_op("lowbit::dequantize", mutates_args=())

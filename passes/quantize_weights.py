@@ -6,9 +6,10 @@ import torch
 from tqdm import tqdm
 
 from lowbit.ir import meta
-from lowbit.ir.quant import QuantSpec, dequantize, pack_weight
+from lowbit.ir.quant import QuantSpec, dequantize, pack_weight, packed_from_codes
 
 from .base import Lossy, Pass, PassContext, PassFailure, PassResult, register
+from .gptq import calibrate_and_quantize, dequantize_codes, gptq
 from .instruments import sqnr_db
 
 # Minimum logits SQNR the numeric-diff instrument holds a weight quantizer to, by bits: a
@@ -19,7 +20,7 @@ _MIN_SQNR_DB = {2: -10.0, 3: 0.0, 4: 5.0, 5: 10.0, 6: 15.0, 7: 20.0, 8: 25.0}
 
 @register
 class QuantizeWeights(Pass):
-    """Quantize linear weights group-wise to packed integers (method=rtn), dequantized by lowbit.dequantize."""
+    """Quantize linear weights group-wise to packed integers (method=rtn|gptq), dequantized by lowbit.dequantize."""
     name = "quantize-weights"
 
     @dataclass(frozen=True)
@@ -30,10 +31,16 @@ class QuantizeWeights(Pass):
         sym: bool = True
         clip: bool = False      # MSE search of a per-group clipping ratio
         lm_head: bool = False   # also quantize the output projection
+        # gptq: dampening (fraction of mean diag H), column order by decreasing H diagonal with
+        # static groups, inputs from already-quantized layers, calibration windows used
+        damp: float = 0.01
+        act_order: bool = True
+        sequential: bool = True
+        samples: int = 64
 
         def __post_init__(self):
-            if self.method != "rtn":
-                raise ValueError(f"method '{self.method}' is not available (available: rtn)")
+            if self.method not in ("rtn", "gptq"):
+                raise ValueError(f"method '{self.method}' is not available (available: rtn, gptq)")
             QuantSpec(self.bits, self.group, self.sym)
 
     def contract(self):
@@ -47,14 +54,33 @@ class QuantizeWeights(Pass):
                 if not lin.quantized and (c.lm_head or lin is not s.lm_head)]
         if not todo:
             return PassResult(False)
+        for lin in todo:
+            if not torch.isfinite(ir.tensor(lin.node.args[1].target)).all():
+                raise PassFailure(f"weight '{lin.node.args[1].target}' has NaN or Inf", lin.node)
+        bar = tqdm(total=len(todo), desc=f"quantize-weights ({c.method})", unit="linear",
+                   disable=not ctx.progress, leave=False)
+        packs = {}
+        if c.method == "rtn":
+            for lin in todo:
+                packs[lin.node] = pack_weight(ir.tensor(lin.node.args[1].target), spec, clip_search=c.clip)
+                bar.update()
+        else:
+            if ctx.calib is None:
+                raise PassFailure("method=gptq needs calibration text (compile --calib FILE)")
+
+            def quantize(node, w, h):
+                codes, scale, zero = gptq(w, h, spec, c.damp, c.act_order)
+                packs[node] = packed_from_codes(codes, scale, zero, spec)
+                bar.update()
+                return dequantize_codes(codes, scale, zero, spec)
+            calibrate_and_quantize(ir.gm, [lin.node for lin in todo], ctx.calib[: c.samples], quantize, c.sequential)
+        bar.close()
         n_weights = n_bytes = partial = 0
         sqnrs = {}
-        for lin in tqdm(todo, desc="quantize-weights", unit="linear", disable=not ctx.progress, leave=False):
+        for lin in todo:
             w_node = lin.node.args[1]
             w = ir.tensor(w_node.target)
-            if not torch.isfinite(w).all():
-                raise PassFailure(f"weight '{w_node.target}' has NaN or Inf", lin.node)
-            packed = pack_weight(w, spec, clip_search=c.clip)
+            packed = packs[lin.node]
             base = (lin.module or lin.node.name) + ".q"
             names = {"qweight": packed.qweight, "scales": packed.scales, "zeros": packed.zeros}
             for key, t in names.items():

@@ -1,0 +1,92 @@
+"""GPTQ (Frantar et al., 2022) for quantize-weights{method=gptq}: calibration capture and the
+column-by-column quantizer with error feedback through the inverse Hessian."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from lowbit.ir.quant import QuantSpec, fit_groups
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
+         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize W [N, K] given H = 2 X^T X / n [K, K]; returns (codes [N, K], scale [N, G], zero [N, G]).
+
+    Static groups: scales and zero points come from the original W's groups, so with act_order
+    (columns visited by decreasing H diagonal) the stored layout is the plain group layout and
+    costs nothing at inference. Dampening adds damp * mean(diag H) to the diagonal."""
+    n, k = w.shape
+    g = spec.group_size(k)
+    w = w.double().clone()
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    scale, zero = fit_groups(w, spec)          # static groups, fp16-rounded scales
+    col_group = torch.arange(k) // g
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.int32)
+    qmax = (1 << spec.bits) - 1
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype)
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            s, z = scale[:, col_group[col]], zero[:, col_group[col]]
+            q = torch.clamp(torch.round(w1[:, i] / s) + z, 0, qmax)
+            codes[:, i1 + i] = q.to(torch.int32)
+            e = (w1[:, i] - (q - z) * s) / hinv[i1 + i, i1 + i]
+            w1[:, i:] -= e[:, None] * hinv[i1 + i, i1 + i:i2][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out, scale, zero
+
+
+class _Calibrate(fx.Interpreter):
+    """Runs the graph on the whole calibration batch node by node; at each linear to quantize it
+    accumulates H from the linear's actual input, calls `quantize(node, w, h) -> w_hat`, and
+    continues with w_hat (sequential) or the original weight. Values are freed after their last
+    use, and the walk stops after the last linear, so memory holds about one layer's tensors."""
+
+    class Done(Exception):
+        pass
+
+    def __init__(self, gm, targets, quantize, sequential):
+        super().__init__(gm)
+        self.targets, self.quantize, self.sequential = set(targets), quantize, sequential
+
+    def run_node(self, n):
+        if n not in self.targets:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        flat = x.reshape(-1, x.shape[-1]).double()
+        h = 2 * flat.T @ flat / flat.shape[0]
+        w_hat = self.quantize(n, w, h).to(w.dtype)
+        self.targets.discard(n)
+        out = F.linear(x, w_hat if self.sequential else w, bias)
+        if not self.targets:
+            raise self.Done
+        return out
+
+
+@torch.no_grad()
+def calibrate_and_quantize(gm, targets, calib: torch.Tensor, quantize, sequential: bool = True):
+    try:
+        _Calibrate(gm, targets, quantize, sequential).run(calib)
+    except _Calibrate.Done:
+        pass
+
+
+def dequantize_codes(codes, scale, zero, spec: QuantSpec) -> torch.Tensor:
+    k = codes.shape[1]
+    g = torch.arange(k) // spec.group_size(k)
+    return (codes.double() - zero[:, g]) * scale[:, g]
+

@@ -1,0 +1,62 @@
+"""quantize-weights{method=gptq}: the algorithm against RTN, and the pass on a real model."""
+import copy
+
+import pytest
+import torch
+
+from lowbit.ir.quant import QuantSpec, dequantize, fit_groups, quantize
+from lowbit.passes import PassContext, PassManager, PipelineError
+from lowbit.passes.gptq import dequantize_codes, gptq
+from lowbit.tools.evaluate import perplexity, read_text, windows
+from models import DATA, need_data, tiny_ir
+
+
+def _layer(seed=0, n=48, k=96, samples=512):
+    g = torch.Generator().manual_seed(seed)
+    # correlated input features (as real activations are): where GPTQ's error feedback pays
+    mix = torch.randn(k, k, generator=g, dtype=torch.float64) / k ** 0.5
+    x = torch.randn(samples, k, generator=g, dtype=torch.float64) @ mix * torch.linspace(0.1, 3, k, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    return x, w, 2 * x.T @ x / samples
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 32, True, True), (3, -1, False, True), (4, 32, False, False),
+                                                      (2, 16, False, True), (4, 40, True, True)])
+def test_gptq_output_error_below_rtn(bits, group, sym, act_order):
+    x, w, h = _layer()
+    spec = QuantSpec(bits, group, sym)
+    codes, scale, zero = gptq(w, h, spec, act_order=act_order)
+    assert codes.min() >= 0 and codes.max() < 2 ** bits
+    w_gptq = dequantize_codes(codes, scale, zero, spec)
+    s, z = fit_groups(w, spec)
+    w_rtn = dequantize_codes(quantize(w, s, z, spec), s, z, spec)
+    err = lambda wq: (x @ (wq - w).T).pow(2).sum().item()  # noqa: E731
+    # measured ratios on this layer: 0.33, 0.35, 0.75 (no act-order), 0.42, 0.33
+    assert err(w_gptq) < 0.85 * err(w_rtn)
+    # static groups: the same scales as RTN, so the packed layout needs no column permutation
+    assert torch.equal(scale, s) and torch.equal(zero, z)
+
+
+def test_gptq_pass_beats_rtn_on_stories(stories_ir):
+    need_data("tinystories", "train-head.txt")
+    tok = stories_ir.tokenizer
+    calib = windows(tok.encode(read_text(DATA / "tinystories" / "train-head.txt")), 512, 32 * 512)
+    ev = windows(tok.encode(read_text(DATA / "tinystories" / "valid-snippet.txt")), 512, 8 * 512)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        ir = copy.deepcopy(stories_ir)
+        PassManager(f"fold-norms,quantize-weights{{method={method},bits=3,group=32}}").run(ir, PassContext(calib=calib))
+        ppl[method] = perplexity(ir.gm, ev, progress=False)["ppl"]
+        lin = ir.analysis.attentions[0].q
+        deq = lin.node.args[1]
+        assert deq.target is torch.ops.lowbit.dequantize.default and lin.node.meta["lowbit_quant"]["method"] == method
+        # the stored codes reproduce the weights GPTQ computed through the reference op
+        w = dequantize(*(ir.tensor(a.target) if a is not None else None for a in deq.args[:3]), *deq.args[3:])
+        assert w.shape == (64, 64)
+    assert ppl["gptq"] < 0.7 * ppl["rtn"]     # measured: RTN 31.6, GPTQ 13.5 on the full snippet
+
+
+def test_gptq_needs_calibration():
+    ir, _ = tiny_ir("llama")
+    with pytest.raises(PipelineError, match="method=gptq needs calibration text"):
+        PassManager("quantize-weights{method=gptq}").run(ir)
