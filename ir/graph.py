@@ -70,12 +70,6 @@ class IR:
             node.meta[meta.HANDLE] = like.meta[meta.HANDLE] if like is not None else self.new_handle()
         return node
 
-    def node(self, name: str) -> fx.Node:
-        for n in self.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
-
     # -- tensors held by the module (parameters and buffers, addressed by get_attr target) -----
     def tensor(self, target: str) -> torch.Tensor:
         owner, leaf = self._owner(target)
