@@ -3,6 +3,8 @@
 RECIPES: dict[str, tuple[str, str]] = {
     "w4-rtn": ("quantize-weights{method=rtn,bits=4,group=128,sym=false}",
                "int4 asymmetric round-to-nearest, group 128, on the unfolded weights (the default)"),
+    "w4-gptq": ("quantize-weights{method=gptq,bits=4,group=128,sym=false}",
+                "int4 asymmetric GPTQ (act-order, static groups), group 128, unfolded weights (needs --calib)"),
     "w4-rtn-sym": ("fold-norms,quantize-weights{method=rtn,bits=4,group=128,sym=true}",
                    "int4 symmetric round-to-nearest, group 128, norms folded first"),
     "w4-rtn-perchannel": ("fold-norms,quantize-weights{method=rtn,bits=4,group=-1,sym=true}",
