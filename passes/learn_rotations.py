@@ -96,7 +96,7 @@ class LearnRotations(Pass):
                 w = new.get(lin.weight, get(lin.weight))
                 if lin.weight in downs:   # R4 is fused into down before quantization
                     h = h4[w.shape[1]]
-                    params[lin.weight] = fake_quantize(w @ h, spec) @ h.T
+                    params[lin.weight] = fake_quantize(w @ h, spec) @ h.T   # RTN: the proxy for any method
                 else:
                     params[lin.weight] = fake_quantize(w, spec)
             logits = torch.func.functional_call(ir.gm, params, (ids,))

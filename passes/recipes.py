@@ -21,6 +21,9 @@ RECIPES: dict[str, tuple[str, str]] = {
     "spinquant-w4": ("fold-norms,learn-rotations{steps=50,batch=2,seq=256},fuse-rotations{kind=learned},"
                      "insert-hadamard,quantize-weights{method=rtn,bits=4,group=-1,sym=true}",
                      "SpinQuant-style: R1/R2 learned under int4 per-channel RTN (needs --calib)"),
+    "spinquant-w4-gptq": ("fold-norms,learn-rotations{steps=50,batch=2,seq=256},fuse-rotations{kind=learned},"
+                          "insert-hadamard,quantize-weights{method=gptq,bits=4,group=-1,sym=true}",
+                          "SpinQuant-style rotations, then int4 per-channel GPTQ weights (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
 
