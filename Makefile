@@ -3,7 +3,7 @@ PY ?= python3
 # torch is pinned for the CPU wheel these machines carry; an unpinned torch pulls the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test
 install:
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[test]"
 
@@ -12,6 +12,3 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu and not tensorrt"
-
-test-slow: install
-	$(PY) -m pytest -q -m slow
