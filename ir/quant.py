@@ -126,14 +126,18 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
     return codes.reshape(n, -1)[:, :k].to(torch.int32)
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """W_hat [N, K] from unpacked codes and per-group scale/zero [N, G], in scale's dtype."""
+    k = codes.shape[1]
+    g = torch.arange(k) // spec.group_size(k)
+    return (codes.to(scale.dtype) - zero[:, g]) * scale[:, g]
+
+
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> torch.Tensor:
     """RTN quantize-dequantize of W in W's dtype, passing gradients straight through (STE)."""
     with torch.no_grad():
-        k = w.shape[1]
         scale, zero = fit_groups(w.detach(), spec, clip_search, dtype=w.dtype)
-        codes = quantize(w.detach(), scale, zero, spec)
-        g = torch.arange(k) // spec.group_size(k)
-        w_hat = (codes.to(w.dtype) - zero[:, g]) * scale[:, g]
+        w_hat = dequantize_codes(quantize(w.detach(), scale, zero, spec), scale, zero, spec)
     return w + (w_hat - w).detach()
 
 

@@ -84,9 +84,3 @@ def calibrate_and_quantize(gm, targets, calib: torch.Tensor, quantize, sequentia
     except _Calibrate.Done:
         pass
 
-
-def dequantize_codes(codes, scale, zero, spec: QuantSpec) -> torch.Tensor:
-    k = codes.shape[1]
-    g = torch.arange(k) // spec.group_size(k)
-    return (codes.double() - zero[:, g]) * scale[:, g]
-

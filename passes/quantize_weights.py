@@ -6,10 +6,10 @@ import torch
 from tqdm import tqdm
 
 from lowbit.ir import meta
-from lowbit.ir.quant import QuantSpec, dequantize, pack_weight, packed_from_codes
+from lowbit.ir.quant import QuantSpec, dequantize, dequantize_codes, pack_weight, packed_from_codes
 
 from .base import Lossy, Pass, PassContext, PassFailure, PassResult, register
-from .gptq import calibrate_and_quantize, dequantize_codes, gptq
+from .gptq import calibrate_and_quantize, gptq
 from .instruments import sqnr_db
 
 # Minimum logits SQNR the numeric-diff instrument holds a weight quantizer to, by bits: a

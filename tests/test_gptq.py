@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from lowbit.ir.quant import QuantSpec, dequantize, fit_groups, quantize
+from lowbit.ir.quant import QuantSpec, dequantize, dequantize_codes, fit_groups, quantize
 from lowbit.passes import PassContext, PassManager, PipelineError
-from lowbit.passes.gptq import dequantize_codes, gptq
+from lowbit.passes.gptq import gptq
 from lowbit.tools.evaluate import perplexity, read_text, windows
 from models import DATA, need_data, tiny_ir
 
