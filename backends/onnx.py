@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbit.ir import kernels  # noqa: F401  (registers lowbit.matmul_nbits)
@@ -37,35 +38,101 @@ def _register_matmul_nbits_schema():
                     A("accuracy_level", INT, "", required=False)]))
 
 
-def _translations():
+def _translations(accuracy_level: int = 0):
     import onnxscript
     _register_matmul_nbits_schema()
     msft = onnxscript.values.Opset("com.microsoft", 1)
 
     def matmul_nbits(x, b, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
         return msft.MatMulNBits(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
-                                accuracy_level=0)
+                                accuracy_level=accuracy_level)
     return {torch.ops.lowbit.matmul_nbits.default: matmul_nbits}
 
 
-def export_onnx(ir, out: Path, flavor: str = "ort") -> Path:
-    """Lower a copy of the IR for `flavor` and export it; returns the path written."""
+def _half_embedding(ir):
+    """Gather from an fp16 copy of the embedding table, cast back: the table is the largest tensor
+    a quantized model still holds in float. Kept as is when another op (a tied, unquantized
+    lm_head) reads the same table, as a copy would then add to the file."""
+    for n in list(ir.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten.embedding.default and n.args[0].op == "get_attr":
+            w = ir.tensor(n.args[0].target)
+            if w.dtype != torch.float32 or len(n.args[0].users) > 1:
+                continue
+            ir.set_tensor(n.args[0].target + "_fp16", w.half())
+            with ir.graph.inserting_before(n):
+                half = ir.graph.get_attr(n.args[0].target + "_fp16")
+                emb = ir.graph.call_function(torch.ops.aten.embedding.default, (half, *n.args[1:]))
+                cast = ir.graph.call_function(torch.ops.aten._to_copy.default, (emb,), {"dtype": torch.float32})
+            n.replace_all_uses_with(cast)
+            ir.graph.erase_node(n)
+    ir.remove_dead()
+    ir.changed()
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder form (optimum's and onnxruntime-genai's layout)."""
+    kv = [(i, k) for i in range(n_layers) for k in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv],
+            ["logits"] + [f"present.{i}.{k}" for i, k in kv])
+
+
+def _rename_dims(model, names: dict[str, str]):
+    """Give the graph's symbolic input/output dims readable names (batch, sequence_length, ...)."""
+    import onnx_ir as oi
+    for v in [*model.graph.inputs, *model.graph.outputs]:
+        if v.shape is None:
+            continue
+        dims = [names.get(str(d), str(d)) if not isinstance(d, int) else d for d in v.shape]
+        v.shape = oi.Shape([oi.SymbolicDim(d) if isinstance(d, str) else d for d in dims])
+
+
+def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accuracy_level: int = 4) -> Path:
+    """Lower a copy of the IR for `flavor` and export its decoder (KV cache) or full-sequence form;
+    returns the path written. accuracy_level is MatMulNBits' (0: exact float, 4: int8 activations)."""
     import copy
 
+    from lowbit.ir.decoder import to_decoder
     from lowbit.passes import PassManager
     if flavor not in FLAVORS:
         raise LowbitError(f"flavor '{flavor}' is not available yet (available: {', '.join(FLAVORS)})")
+    if form not in ("decoder", "full"):
+        raise LowbitError(f"form must be decoder or full, not '{form}'")
     ir = copy.deepcopy(ir)
+    if form == "decoder":   # the rewrite reads the structure, which lowering hides
+        ir = to_decoder(ir)
     PassManager("lower-kernels{target=onnx-ort}").run(ir)
     left = sorted({str(n.target) for n in ir.graph.nodes if n.op == "call_function"
                    and getattr(n.target, "namespace", None) == "lowbit" and n.target is not torch.ops.lowbit.matmul_nbits.default})
     if left:
         raise LowbitError(f"the {flavor} flavor cannot express {', '.join(left)} yet")
-    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=ir.info.max_ctx)
-    example = torch.randint(0, ir.info.vocab_size, (2, 16))
-    prog = torch.onnx.export(ir.gm, (example,), dynamo=True, custom_translation_table=_translations(),
-                             dynamic_shapes=({0: batch, 1: seq},), input_names=["input_ids"],
-                             output_names=["logits"], verbose=False)
+    _half_embedding(ir)
+    A = torch.export.Dim.AUTO
+    if form == "decoder":
+        d = ir
+        module, (b, s, p) = d.gm, (2, 5, 3)
+        example = (torch.randint(0, ir.info.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+                   torch.arange(p, p + s).expand(b, s), *[torch.zeros(b, h, p, hd) for h, hd in d.kv_shape for _ in "kv"])
+        shapes = ({0: A, 1: A}, {0: A, 1: A}, {0: A, 1: A}, *[{0: A, 2: A}] * (2 * len(d.kv_shape)))
+        inputs, outputs = io_names(len(d.kv_shape))
+    else:
+        module, example, shapes = ir.gm, (torch.randint(0, ir.info.vocab_size, (2, 16)),), ({0: A, 1: A},)
+        inputs, outputs = ["input_ids"], ["logits"]
+    prog = torch.onnx.export(module.eval(), example, dynamo=True, opset_version=23, verbose=False,
+                             custom_translation_table=_translations(accuracy_level), dynamic_shapes=shapes,
+                             input_names=inputs, output_names=outputs)
+    dims = {}
+    for v, name in zip(prog.model.graph.inputs, inputs):   # symbols by role, read off the example's layout
+        sh = [str(x) for x in v.shape]
+        if name == "input_ids":
+            dims.update({sh[0]: "batch", sh[1]: "sequence_length"})
+        elif name == "attention_mask":
+            dims[sh[1]] = "total_sequence_length"
+        elif name.startswith("past_key_values"):
+            dims[sh[2]] = "past_sequence_length"
+    for v in prog.model.graph.outputs:
+        if v.name.startswith("present"):
+            dims[str(v.shape[2])] = "total_sequence_length"
+    _rename_dims(prog.model, dims)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     big = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values()) > 1 << 30
@@ -78,6 +145,7 @@ def export_onnx(ir, out: Path, flavor: str = "ort") -> Path:
 
 
 class OrtBackend:
+    """An onnxruntime session over an exported model, decoder or full-sequence form."""
     name = "ort"
 
     def __init__(self, path, optimize: bool = True, threads: int | None = None):
@@ -88,5 +156,47 @@ class OrtBackend:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
+        ins = self.session.get_inputs()
+        self.inputs = [i.name for i in ins]
+        self.kv_shape = [(i.shape[1], i.shape[3]) for i in ins if i.name.endswith(".key")]
+
+    def empty_past(self, b):
+        return [np.zeros((b, h, 0, hd), np.float32) for h, hd in self.kv_shape for _ in "kv"]
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        """One decoder call: -> (logits, presents), numpy in and out."""
+        out = self.session.run(None, dict(zip(self.inputs, [input_ids, attention_mask, position_ids, *past])))
+        return out[0], out[1:]
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.numpy()})[0])
+        if len(self.inputs) == 1:
+            return torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.numpy()})[0])
+        b, s = input_ids.shape
+        pos = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+        return torch.from_numpy(self.step(input_ids.numpy(), np.ones((b, s), np.int64), pos, self.empty_past(b))[0])
+
+
+def cached_export(spec: str, flavor: str = "ort", accuracy_level: int = 4, log=None) -> Path:
+    """The decoder ONNX of an artifact directory or a model spec (exported as is, in float),
+    exported once into the cache (~/.cache/lowbit/onnx) under a key of everything it depends on."""
+    import hashlib
+    import json
+
+    from lowbit.ir.artifact import is_artifact, load_artifact
+    from lowbit.ir.load import cache_dir, load
+    from lowbit.tools.cli import _version
+    h = hashlib.sha256(json.dumps([flavor, accuracy_level, _version("lowbit"), _version("torch"),
+                                   _version("onnxscript")]).encode())
+    if is_artifact(spec):
+        for f in ("manifest.json", "graph.json"):
+            h.update((Path(spec) / f).read_bytes())
+        ir = None
+    else:
+        ir = load(spec)
+        h.update(ir.info.source_hash.encode())
+    path = cache_dir() / "onnx" / h.hexdigest()[:20] / "model.onnx"
+    if not path.exists():
+        if log:
+            log(f"exporting {spec} to ONNX (flavor {flavor}); cached as {path.parent}")
+        export_onnx(ir or load_artifact(spec), path, flavor, accuracy_level=accuracy_level)
+    return path

@@ -103,3 +103,97 @@ def markdown(report: dict) -> str:
         versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
         lines.append(f"| {r['name']} | {r['kind']} | {ppl} | {delta} | {bpw} | {what} | {versions} |")
     return "\n".join(lines) + "\n"
+
+
+# -- decode speed -----------------------------------------------------------------------------------
+def _llama_cpp(gguf: Path, threads: int):
+    """llama.cpp (llama-cpp-python) over a GGUF, behind the same step() as the ONNX rows; None with
+    the reason when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, "llama-cpp-python is not installed (pip install 'lowbit[llamacpp]')"
+    import numpy as np
+
+    class LlamaCpp:
+        def __init__(self):
+            self.llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_batch=512, n_threads=threads,
+                                       n_threads_batch=threads, verbose=False)
+
+        def empty_past(self, b):
+            self.llm.reset()
+            return None
+
+        def step(self, input_ids, attention_mask, position_ids, past):
+            self.llm.eval(input_ids[0].tolist())
+            return np.asarray(self.llm.scores[self.llm.n_tokens - 1])[None, None], None
+    return LlamaCpp(), f"llama-cpp-python {llama_cpp.__version__}"
+
+
+def bench_decode(artifacts: list[str], model: str, out: Path, accuracy_levels=(4, 0), prompt_tokens: int = 64,
+                 new_tokens: int = 64, repeats: int = 3, threads: int = 2, gguf: str | None = None, log=print) -> dict:
+    """Prefill and decode tokens/s of onnxruntime over the float export of `model` and each artifact's
+    int4 export (per MatMulNBits accuracy level), and of llama.cpp on the model's GGUF, measured
+    interleaved in one process (each row's median over `repeats` rounds)."""
+    import statistics
+
+    from lowbit.backends.onnx import OrtBackend, cached_export
+    from lowbit.ir.load import DEFAULT_MODEL, fetch_default_gguf, load_tokenizer
+    from lowbit.tools.cli import DEMO_TEXT, _version
+    from lowbit.tools.generate import generate
+
+    rows = [("fp32", model, "onnxruntime, float32 export of the source model", cached_export(model, log=log), 0)]
+    for a in artifacts:
+        for level in accuracy_levels:
+            path = cached_export(a, accuracy_level=level, log=log)
+            rows.append((f"{Path(a).name} (ort, acc {level})", a,
+                         f"onnxruntime, MatMulNBits accuracy_level {level}", path, level))
+    backends = {name: OrtBackend(path, threads=threads) for name, _, _, path, _ in rows}
+    sizes = {name: path.stat().st_size for name, _, _, path, _ in rows}
+    gguf = Path(gguf) if gguf else (fetch_default_gguf() if model == DEFAULT_MODEL else None)
+    notes = {}
+    if gguf is not None:
+        llama, why = _llama_cpp(gguf, threads)
+        if llama is None:
+            notes["llama.cpp"] = why
+            log(f"skipping llama.cpp: {why}")
+        else:
+            backends["llama.cpp"] = llama
+            rows.append(("llama.cpp", str(gguf), f"{why}, {gguf.name}", gguf, None))
+            sizes["llama.cpp"] = gguf.stat().st_size
+    tok = load_tokenizer(Path(artifacts[0]) / "tokenizer") if artifacts else None
+    ids = (tok.encode(DEMO_TEXT.read_text()) if tok else list(range(1000, 2000)))[:prompt_tokens]
+    times = {name: [] for name in backends}
+    for r in range(repeats + 1):       # round 0 warms every row up and is not counted
+        for name, b in backends.items():
+            res = generate(b, ids, new_tokens)
+            if r:
+                times[name].append((res["prefill_tokens"] / res["prefill_s"], res["decode_tokens"] / res["decode_s"]))
+        log(f"round {r}/{repeats} done")
+    fp = statistics.median(d for _, d in times["fp32"])
+    table = []
+    for name, spec, what, path, _ in rows:
+        pre = statistics.median(p for p, _ in times[name])
+        dec = statistics.median(d for _, d in times[name])
+        table.append({"row": name, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 1),
+                      "decode_vs_fp32": round(dec / fp, 2), "file_mb": round(sizes[name] / 2**20, 1), "what": what})
+    rep = {"model": model, "threads": threads, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
+           "versions": {p: _version(p) for p in ("onnxruntime", "torch", "llama_cpp_python")}, "rows": table,
+           "skipped": notes}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / "decode.md").write_text(decode_markdown(rep))
+    return rep
+
+
+def decode_markdown(rep: dict) -> str:
+    lines = [f"Decode speed: {rep['model']}, batch 1, {rep['prompt_tokens']}-token prompt then {rep['new_tokens']} "
+             f"greedy tokens, {rep['threads']} threads, median of {rep['repeats']} interleaved rounds.", "",
+             "| row | prefill tok/s | decode tok/s | decode vs fp32 | file MiB | what |", "|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        lines.append(f"| {r['row']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['decode_vs_fp32']}x | "
+                     f"{r['file_mb']} | {r['what']} |")
+    for k, v in rep["skipped"].items():
+        lines.append(f"\n{k} skipped: {v}")
+    return "\n".join(lines) + "\n"

@@ -102,7 +102,8 @@ def compile_model(model: str, out: Path, pipeline: str, recipe: str | None = Non
     return ir, manifest, timing
 
 
-def evaluate(model_or_ir, text_path, ctx=512, max_tokens=32768, batch=4, progress=True, backend="torch") -> dict:
+def evaluate(model_or_ir, text_path, ctx=512, max_tokens=32768, batch=4, progress=True, backend="torch",
+             accuracy_level: int = 4) -> dict:
     from lowbit.tools.evaluate import check_ctx, perplexity, read_text, windows
     text = read_text(text_path)
     ir = _load(model_or_ir) if isinstance(model_or_ir, str) else model_or_ir
@@ -118,8 +119,8 @@ def evaluate(model_or_ir, text_path, ctx=512, max_tokens=32768, batch=4, progres
 
         from lowbit.backends.onnx import OrtBackend, export_onnx
         with tempfile.TemporaryDirectory() as tmp:
-            _log("exporting to ONNX (flavor ort) for onnxruntime")
-            logits = OrtBackend(export_onnx(ir, Path(tmp) / "model.onnx")).logits
+            _log(f"exporting to ONNX (flavor ort, accuracy level {accuracy_level}) for onnxruntime")
+            logits = OrtBackend(export_onnx(ir, Path(tmp) / "model.onnx", accuracy_level=accuracy_level)).logits
     t = time.perf_counter()
     res = perplexity(logits, win, batch=batch, progress=progress)
     res["seconds"] = round(time.perf_counter() - t, 2)
@@ -141,7 +142,8 @@ def cmd_compile(args):
 
 
 def cmd_eval(args):
-    res = evaluate(args.model, args.text, args.ctx, args.max_tokens, args.batch, backend=args.backend)
+    res = evaluate(args.model, args.text, args.ctx, args.max_tokens, args.batch, backend=args.backend,
+                   accuracy_level=args.accuracy_level)
     if args.json:
         print(json.dumps(res))
     else:
@@ -203,8 +205,49 @@ def cmd_export(args):
     from lowbit.ir.artifact import is_artifact
     if not is_artifact(args.artifact):
         raise LowbitError(f"{args.artifact}: not a lowbit artifact (no manifest.json and graph.json)")
-    path = export_onnx(_load(args.artifact), Path(args.out), args.flavor)
+    path = export_onnx(_load(args.artifact), Path(args.out), args.flavor, args.form, args.accuracy_level)
     _log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_run(args):
+    from lowbit.tools.generate import TorchDecoder, generate
+    if args.backend == "torch":
+        ir = _load(args.model)
+        backend = TorchDecoder(ir)
+        tok = ir.tokenizer
+    else:
+        from lowbit.backends.onnx import OrtBackend, cached_export
+        from lowbit.ir.artifact import is_artifact
+        from lowbit.ir.load import load_tokenizer
+        if not is_artifact(args.model):
+            raise LowbitError(f"{args.model}: --backend ort runs a lowbit artifact (compile one first)")
+        backend = OrtBackend(cached_export(args.model, args.flavor, args.accuracy_level, log=_log))
+        tok = load_tokenizer(Path(args.model) / "tokenizer")
+    if tok is None:
+        raise LowbitError(f"{args.model} carries no tokenizer")
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise LowbitError("the prompt is empty")
+    print(args.prompt, end="", flush=True)
+    shown = []
+
+    def show(t):   # decode the whole continuation each time: tokens need not be whole characters
+        prev = tok.decode(shown)
+        shown.append(t)
+        print(tok.decode(shown)[len(prev):], end="", flush=True)
+    res = generate(backend, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                   eos=getattr(tok, "eos_id", None), on_token=show)
+    print()
+    _log(f"{backend.name}: prefill {res['prefill_tokens']} tokens at {res['prefill_tokens'] / res['prefill_s']:.0f} tok/s, "
+         f"decode {res['decode_tokens']} tokens at {res['decode_tokens'] / res['decode_s']:.1f} tok/s")
+
+
+def cmd_bench_decode(args):
+    from lowbit.tools.bench import bench_decode, decode_markdown
+    rep = bench_decode(args.artifacts, args.model, Path(args.out), [int(x) for x in args.accuracy_levels.split(",")],
+                       args.prompt_tokens, args.new_tokens, args.repeats, args.threads, args.gguf, log=_log)
+    print(json.dumps(rep, indent=2) if args.json else decode_markdown(rep))
+    _log(f"tables written to {args.out}/decode.md and decode.json")
 
 
 def cmd_bench_quality(args):
@@ -245,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=4, help="windows per forward")
     e.add_argument("--backend", choices=["torch", "ort"], default="torch",
                    help="torch: the reference runtime; ort: exported to ONNX (flavor ort) and run by onnxruntime")
+    e.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="with --backend ort: MatMulNBits accuracy level (0 exact float, 4 int8 activations)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
@@ -252,9 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("artifact")
     x.add_argument("--format", choices=["onnx"], default="onnx")
     x.add_argument("--flavor", choices=["ort"], default="ort",
-                   help="ort: quantized linears as com.microsoft::MatMulNBits (qdq and trt: to come)")
+                   help="ort: quantized linears as com.microsoft::MatMulNBits")
+    x.add_argument("--form", choices=["decoder", "full"], default="decoder",
+                   help="decoder: KV cache in and out (past_key_values.* / present.*); full: input_ids -> logits")
+    x.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="MatMulNBits accuracy level: 0 computes in float (exact), 4 with int8 activations (fast)")
     x.add_argument("--out", required=True)
     x.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("run", help="generate text from a prompt with the KV-cache decoder")
+    r.add_argument("model", help="artifact (or, with --backend torch, any model spec)")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--backend", choices=["torch", "ort"], default="torch")
+    r.add_argument("--flavor", choices=["ort"], default="ort")
+    r.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4)
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("passes", help="list passes and recipes")
     p.set_defaults(fn=cmd_passes)
@@ -264,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    b = sub.add_parser("bench", help="benchmarks: quality (perplexity against peers)")
+    b = sub.add_parser("bench", help="benchmarks: quality (perplexity against peers), decode (speed)")
     bsub = b.add_subparsers(dest="bench", required=True)
     bq = bsub.add_parser("quality", help="perplexity and bits per weight of FP, lowbit recipes and peer quantizers")
     bq.add_argument("--model", default="smollm2-135m")
@@ -277,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--max-tokens", type=int, default=32768)
     bq.add_argument("--json", action="store_true")
     bq.set_defaults(fn=cmd_bench_quality)
+
+    bd = bsub.add_parser("decode", help="prefill/decode tokens/s: onnxruntime int4 against the fp32 export and llama.cpp")
+    bd.add_argument("artifacts", nargs="*", help="compiled artifacts to export and time")
+    bd.add_argument("--model", default="smollm2-135m", help="source model: its float export is the baseline")
+    bd.add_argument("--gguf", help="GGUF for the llama.cpp row (default: the default model's own Q4_1 GGUF)")
+    bd.add_argument("--accuracy-levels", default="4,0")
+    bd.add_argument("--prompt-tokens", type=int, default=64)
+    bd.add_argument("--new-tokens", type=int, default=64)
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--threads", type=int, default=os.cpu_count())
+    bd.add_argument("--out", default="lowbit-out/bench-decode")
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(fn=cmd_bench_decode)
 
     d = sub.add_parser("demo", help="compile the default model and compare perplexity with FP")
     d.add_argument("--out", default="lowbit-out/smollm2-135m-w4-rtn")

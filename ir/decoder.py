@@ -1,0 +1,169 @@
+"""The decoder form of an IR: the same graph rewritten to take and return a KV cache, so text is
+generated one token at a time instead of re-running the whole sequence.
+
+    forward(input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
+            past_key_values.0.key, past_key_values.0.value, ...  [B, kv_heads, P, head_dim])
+        -> (logits [B, S, vocab], present.0.key, present.0.value, ...  [B, kv_heads, P+S, head_dim])
+
+This is the input/output layout of optimum's and onnxruntime-genai's decoder exports. The rewrite
+is found from the graph, as every pass is: at each attention op, the keys and values are traced
+back through any GQA head repeat (and a KV quantizer, which then runs before the cache, so the
+cache holds quantized values) to their [B, kv_heads, S, head_dim] source; the past is concatenated
+there and the repeat rebuilt over the whole length. The mask becomes causal with the past offset,
+and-ed with `attention_mask` (each query also sees itself, so a padding row never attends to
+nothing). RoPE reads `position_ids` where the captured graph counted positions from 0."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from . import meta, quant
+from .errors import LowbitError
+from .graph import IR
+
+aten = torch.ops.aten
+_KV_QUANT = quant.quantize_tokens._opoverload
+_REPEAT = {aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default}
+_FLOAT_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+
+
+def _type(n) -> tuple[str, list[str]] | None:
+    """(dtype, dims) from a node's type string, e.g. ('i64', ['1', 'seq', '1']); artifacts keep
+    these where torch's fake values are not saved."""
+    t = n.meta.get(meta.TYPE, "") if isinstance(n, fx.Node) else ""
+    if not t and getattr(getattr(n, "target", None), "namespace", None) == "lowbit":
+        return _type(n.args[0])   # lowbit's activation ops (Hadamard, quantizers) keep the shape
+    if "[" not in t:
+        return None
+    dtype, dims = t[:-1].split("[", 1)
+    return dtype, [x for x in dims.split(",") if x]
+
+
+def _kv_source(x: fx.Node, sdpa: fx.Node):
+    """Walk back from an attention input through the head repeat and a KV quantizer to the
+    [B, kv_heads, S, head_dim] tensor; returns (source, quantizer args or None)."""
+    qargs = None
+    while x.op == "call_function" and (x.target in _REPEAT or x.target is _KV_QUANT):
+        if x.target is _KV_QUANT:
+            qargs = x.args[1:]
+        x = x.args[0]
+    t = _type(x)
+    if t is None or len(t[1]) != 4:
+        raise LowbitError(f"decoder: the keys/values of {sdpa.name} do not come from a [batch, heads, seq, head_dim] "
+                          f"tensor (found {x.name}); this attention layout is not supported")
+    return x, qargs
+
+
+def _positions(g: fx.Graph) -> fx.Node:
+    """The integer position tensor RoPE turns into angles: an integer ancestor of the cos/sin ops
+    that is cast to float, with the sequence as its second dimension ([1, seq, ...])."""
+    trig = [n for n in g.nodes if n.op == "call_function" and n.target in (aten.cos.default, aten.sin.default)]
+    found, seen, todo = set(), set(), list(trig)
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            todo.append(a)
+            t = _type(a)
+            if n.target in _FLOAT_CASTS and t and t[0][0] in "iu" and len(t[1]) >= 2 and t[1][1] == "seq":
+                found.add(a)
+    if len(found) != 1:
+        raise LowbitError(f"decoder: expected one position tensor feeding RoPE, found {len(found)} "
+                          "(models without rotary embeddings are not supported)")
+    return found.pop()
+
+
+def _call(g, target, *args, **kwargs):
+    return g.call_function(target, args, kwargs)
+
+
+def to_decoder(ir: IR) -> IR:
+    """An IR (a fork sharing this IR's tensors) whose graph is the KV-cache decoder above."""
+    d = ir.fork()
+    atts = d.analysis.attentions
+    g = d.graph
+    if not atts:
+        raise LowbitError("decoder: the model has no attention op")
+    phs = [n for n in g.nodes if n.op == "placeholder"]
+    ids = phs[0]
+    pos_node = _positions(g)
+
+    with g.inserting_after(phs[-1]):
+        mask_in = g.placeholder("attention_mask")
+    with g.inserting_after(mask_in):
+        pos_in = g.placeholder("position_ids")
+    last = pos_in
+    past = []
+    for i in range(len(atts)):
+        for kind in ("key", "value"):
+            with g.inserting_after(last):
+                last = g.placeholder(f"past_key_values_{i}_{kind}")
+            past.append(last)
+
+    with g.inserting_before(last.next):
+        # positions: [B, S] with as many trailing unit dims as the captured position tensor had
+        p = pos_in
+        for _ in range(len(_type(pos_node)[1]) - 2):
+            p = _call(g, aten.unsqueeze.default, p, -1)
+        # mask [B, 1, S, T]: key j visible to query i when j <= P + i and attention_mask[b, j], or j == P + i
+        s = _call(g, aten.sym_size.int, ids, 1)
+        t = _call(g, aten.sym_size.int, mask_in, 1)
+        off = _call(g, operator.sub, t, s)
+        kpos = _call(g, aten.arange.default, t)
+        qpos = _call(g, aten.add.Tensor, _call(g, aten.arange.default, s), off)
+        qcol = _call(g, aten.unsqueeze.default, qpos, 1)
+        causal = _call(g, aten.le.Tensor, kpos, qcol)
+        diag = _call(g, aten.eq.Tensor, kpos, qcol)
+        pad = _call(g, aten.ne.Scalar, mask_in, 0)
+        pad = _call(g, aten.unsqueeze.default, _call(g, aten.unsqueeze.default, pad, 1), 2)
+        mask = _call(g, aten.logical_or.default, _call(g, aten.logical_and.default, causal, pad), diag)
+    pos_node.replace_all_uses_with(p)
+
+    presents = []
+    for i, a in enumerate(atts):
+        sdpa = a.sdpa
+        new_kv = []
+        for j, x in enumerate(sdpa.args[1:3]):
+            src, qargs = _kv_source(x, sdpa)
+            with g.inserting_before(sdpa):
+                cur = _call(g, _KV_QUANT, src, *qargs) if qargs else src
+                total = _call(g, aten.cat.default, [past[2 * i + j], cur], 2)
+                presents.append(total)
+                rep = a.n_heads // a.n_kv_heads
+                if rep > 1:
+                    b = _call(g, aten.sym_size.int, total, 0)
+                    tt = _call(g, aten.sym_size.int, total, 2)
+                    e = _call(g, aten.expand.default, _call(g, aten.unsqueeze.default, total, 2),
+                              [b, a.n_kv_heads, rep, tt, a.head_dim])
+                    total = _call(g, aten.reshape.default, e, [b, a.n_heads, tt, a.head_dim])
+            new_kv.append(total)
+        args = list(sdpa.args)
+        args[1:3] = new_kv
+        if len(args) > 3:
+            args[3] = mask
+        kwargs = dict(sdpa.kwargs)
+        if len(args) <= 3:
+            kwargs["attn_mask"] = mask
+        kwargs["is_causal"] = False
+        if len(args) > 5:   # positional is_causal
+            args[5] = False
+            kwargs.pop("is_causal")
+        sdpa.args, sdpa.kwargs = tuple(args), kwargs
+
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = ((out.args[0], *presents),)
+    g.eliminate_dead_code()
+    # anything still counting positions from the captured sequence length would ignore the past
+    for n in g.nodes:
+        if n.op == "call_function" and n.target is aten.arange.default and n.args and n.args[0] is not s \
+                and n.args[0] is not t and isinstance(n.args[0], fx.Node):
+            raise LowbitError(f"decoder: {n.name} still counts positions of the new tokens only; "
+                              "cannot convert this graph to a KV-cache decoder")
+    g.lint()
+    d.changed()
+    d.kv_shape = [(a.n_kv_heads, a.head_dim) for a in atts]
+    return d
