@@ -6,6 +6,7 @@ remaining lowbit ops."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.ir import kernels  # noqa: F401  (registers lowbit.matmul_nbits)
+from lowbit.ir import hadamard, kernels  # noqa: F401  (kernels registers lowbit.matmul_nbits)
 from lowbit.ir.errors import LowbitError
 
 FLAVORS = ("ort",)
@@ -46,7 +47,64 @@ def _translations(accuracy_level: int = 0):
     def matmul_nbits(x, b, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
         return msft.MatMulNBits(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
                                 accuracy_level=accuracy_level)
-    return {torch.ops.lowbit.matmul_nbits.default: matmul_nbits}
+    return {torch.ops.lowbit.matmul_nbits.default: matmul_nbits, torch.ops.lowbit.hadamard.default: _hadamard,
+            torch.ops.lowbit.quantize_tokens.default: _quantize_tokens}
+
+
+def _hadamard_factors(n: int) -> list[np.ndarray]:
+    """H_n / sqrt(n) as a Kronecker product of small factors: the base order K (if any), then
+    Sylvester blocks of at most 16 (radix-16 butterflies: O(n log n) work, no n x n matrix)."""
+    k, p = hadamard.factor(n) or (None, None)
+    if k is None:
+        raise LowbitError(f"no Hadamard transform of size {n}")
+    mats = [hadamard._base_matrices()[k].numpy()] if k > 1 else []
+    while p > 1:
+        f = min(p, 16)
+        mats.append(hadamard._sylvester(f).numpy())
+        p //= f
+    mats[0] = mats[0] / math.sqrt(n)
+    return [m.astype(np.float32) for m in mats]
+
+
+def _const(a):
+    import onnx_ir
+    from onnxscript import opset23 as op
+    return op.Constant(value=onnx_ir.tensor(np.asarray(a)))
+
+
+def _hadamard(x):
+    """lowbit.hadamard in standard ops: x viewed as [rows, f1, ..., fr]; each step multiplies the
+    last axis by its factor and rotates it to the front, so after r steps the axes are back in order."""
+    from onnxscript import opset23 as op
+    mats = _hadamard_factors(x.shape[-1])
+    r = len(mats)
+    y = op.Reshape(x, _const(np.array([-1] + [m.shape[0] for m in mats], np.int64)))
+    for m in reversed(mats):
+        y = op.Transpose(op.MatMul(y, _const(m)), perm=[0, r] + list(range(1, r)))
+    return op.Reshape(y, op.Shape(x))
+
+
+def _quantize_tokens(x, bits: int, group: int, sym: bool, clip: float):
+    """lowbit.quantize_tokens in standard ops (the same arithmetic: per token and group ranges,
+    round half to even, clamp), so a W4A8/KV-quantized model runs in any runtime."""
+    from onnxscript import opset23 as op
+    d = x.shape[-1]
+    g = d if group == -1 else group
+    xg = op.Reshape(x, _const(np.array([-1, d // g, g], np.int64)))
+    f = lambda v: _const(np.array(v, np.float32))   # noqa: E731
+    axis = _const(np.array([-1], np.int64))
+    if sym:
+        qmax = (1 << (bits - 1)) - 1
+        scale = op.Max(op.Div(op.Mul(op.ReduceMax(op.Abs(xg), axis), f(clip)), f(qmax)), f(1e-10))
+        out = op.Mul(op.Clip(op.Round(op.Div(xg, scale)), f(-qmax - 1), f(qmax)), scale)
+    else:
+        qmax = (1 << bits) - 1
+        lo = op.Mul(op.Min(op.ReduceMin(xg, axis), f(0)), f(clip))
+        hi = op.Mul(op.Max(op.ReduceMax(xg, axis), f(0)), f(clip))
+        scale = op.Max(op.Div(op.Sub(hi, lo), f(qmax)), f(1e-10))
+        zero = op.Round(op.Div(op.Neg(lo), scale))
+        out = op.Mul(op.Sub(op.Clip(op.Add(op.Round(op.Div(xg, scale)), zero), f(0), f(qmax)), zero), scale)
+    return op.Reshape(out, op.Shape(x))
 
 
 def _half_embedding(ir):
@@ -86,26 +144,25 @@ def _rename_dims(model, names: dict[str, str]):
         v.shape = oi.Shape([oi.SymbolicDim(d) if isinstance(d, str) else d for d in dims])
 
 
-def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accuracy_level: int = 4) -> Path:
+def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accuracy_level: int = 4,
+                half_embedding: bool = True) -> Path:
     """Lower a copy of the IR for `flavor` and export its decoder (KV cache) or full-sequence form;
     returns the path written. accuracy_level is MatMulNBits' (0: exact float, 4: int8 activations)."""
-    import copy
-
     from lowbit.ir.decoder import to_decoder
     from lowbit.passes import PassManager
     if flavor not in FLAVORS:
         raise LowbitError(f"flavor '{flavor}' is not available yet (available: {', '.join(FLAVORS)})")
     if form not in ("decoder", "full"):
         raise LowbitError(f"form must be decoder or full, not '{form}'")
-    ir = copy.deepcopy(ir)
-    if form == "decoder":   # the rewrite reads the structure, which lowering hides
-        ir = to_decoder(ir)
+    # a fork: lowering replaces tensors there only
+    ir = to_decoder(ir) if form == "decoder" else ir.fork()   # the decoder rewrite reads the structure, which lowering hides
     PassManager("lower-kernels{target=onnx-ort}").run(ir)
     left = sorted({str(n.target) for n in ir.graph.nodes if n.op == "call_function"
-                   and getattr(n.target, "namespace", None) == "lowbit" and n.target is not torch.ops.lowbit.matmul_nbits.default})
+                   and getattr(n.target, "namespace", None) == "lowbit" and n.target not in _translations()})
     if left:
         raise LowbitError(f"the {flavor} flavor cannot express {', '.join(left)} yet")
-    _half_embedding(ir)
+    if half_embedding:
+        _half_embedding(ir)
     A = torch.export.Dim.AUTO
     if form == "decoder":
         d = ir

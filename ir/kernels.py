@@ -11,7 +11,7 @@ MatMulNBits layout (onnxruntime's `com.microsoft::MatMulNBits`, what `target=onn
   same way; absent for symmetric weights, where the zero point is 2^(bits-1) (as in lowbit).
 - block_size is a power of two >= 16: a lowbit group that is not one (per-channel, or 96) is
   written as blocks of its largest power-of-two divisor with the group's scale repeated, which
-  is exact."""
+  is exact; a per-channel row of K <= 256 without such a divisor (K = 172) is one padded block."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,11 @@ from .quant import pack, unpack
 def block_size_for(group: int, k: int) -> int | None:
     g = k if group == -1 else group
     b = g & -g   # largest power of two dividing g
-    return min(b, 256) if b >= 16 else None
+    if b >= 16:
+        return min(b, 256)
+    if g >= k and k <= 256:   # one group per row: a single padded block holds it
+        return max(16, 1 << (k - 1).bit_length())
+    return None
 
 
 def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int):
