@@ -17,7 +17,7 @@ import torch
 from lowbit.ir import hadamard, kernels  # noqa: F401  (kernels registers lowbit.matmul_nbits)
 from lowbit.ir.errors import LowbitError
 
-FLAVORS = ("ort",)
+FLAVORS = {"ort": "onnx-ort", "qdq": "onnx-qdq", "trt": "trt"}   # flavor -> lower-kernels target
 
 
 @functools.cache
@@ -39,16 +39,81 @@ def _register_matmul_nbits_schema():
                     A("accuracy_level", INT, "", required=False)]))
 
 
-def _translations(accuracy_level: int = 0):
+@functools.cache
+def _register_lowbit_schemas():
+    """The `lowbit` ONNX domain (flavor trt): nodes the CUDA plugins implement, over lowbit's own
+    packed layouts (ir/quant.py)."""
+    from onnx import defs
+    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    INT = defs.OpSchema.AttrType.INT
+    f = ("T", ["tensor(float)", "tensor(float16)"], "")
+    for name, inputs, attrs, cons in (
+            ("Hadamard", [P("X", "T")], [], [f]),
+            ("LutMatMul", [P("X", "T"), P("qweight", "U"), P("lut", "L")], [A("bits", INT, ""), A("K", INT, "")],
+             [f, ("U", ["tensor(uint8)"], ""), ("L", ["tensor(float16)", "tensor(float)"], "")]),
+            ("SparseMatMul", [P("X", "T"), P("crow", "I"), P("col", "I"), P("val", "V")], [A("N", INT, "")],
+             [f, ("I", ["tensor(int32)"], ""), ("V", ["tensor(float16)", "tensor(float)"], "")])):
+        defs.register_schema(defs.OpSchema(name, "lowbit", 1, inputs=inputs, outputs=[P("Y", "T")],
+                                           type_constraints=cons, attributes=attrs))
+
+
+def _translations(flavor: str = "ort", accuracy_level: int = 0):
     import onnxscript
+    from onnxscript import opset23 as op
     _register_matmul_nbits_schema()
+    _register_lowbit_schemas()
     msft = onnxscript.values.Opset("com.microsoft", 1)
+    lb = onnxscript.values.Opset("lowbit", 1)
+    L = torch.ops.lowbit
 
     def matmul_nbits(x, b, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
         return msft.MatMulNBits(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
                                 accuracy_level=accuracy_level)
-    return {torch.ops.lowbit.matmul_nbits.default: matmul_nbits, torch.ops.lowbit.hadamard.default: _hadamard,
-            torch.ops.lowbit.quantize_tokens.default: _quantize_tokens}
+
+    def dequantize_blocked(codes, scales, zero_points, block_size: int):
+        return op.DequantizeLinear(codes, scales, zero_points, axis=0, block_size=block_size)
+
+    def gather_lut(codes, lut):
+        return op.GatherElements(op.Cast(lut, to=1), op.Cast(codes, to=7), axis=1)
+
+    def scatter_add(w, index, val):
+        flat = op.Reshape(w, _const(np.array([-1], np.int64)))
+        out = op.ScatterElements(flat, op.Cast(index, to=7), op.Cast(val, to=1), axis=0, reduction="add")
+        return op.Reshape(out, op.Shape(w))
+
+    table = {L.matmul_nbits.default: matmul_nbits, L.dequantize_blocked.default: dequantize_blocked,
+             L.gather_lut.default: gather_lut, L.scatter_add.default: scatter_add,
+             L.hadamard.default: _hadamard, L.quantize_tokens.default: _quantize_tokens}
+    if flavor == "trt":
+        table[L.hadamard.default] = lambda x: lb.Hadamard(x)
+        table[L.lut_matmul.default] = lambda x, q, lut, bits, K: lb.LutMatMul(x, q, lut, bits=bits, K=K)
+        table[L.sparse_matmul.default] = lambda x, crow, col, val, N: lb.SparseMatMul(x, crow, col, val, N=N)
+    return table
+
+
+_NEVER_FOLD = {"DequantizeLinear", "GatherElements", "ScatterElements", "Cast"}
+
+
+def _optimize(model):
+    """What torch.onnx's optimize step does (constant folding, then fusing RMSNormalization,
+    RotaryEmbedding, ...), except that weight decoding is never folded into float constants:
+    that would store the dequantized weights in the file."""
+    import onnxscript
+    onnxscript.optimizer.optimize_ir(model, should_fold=lambda n: False if n.op_type in _NEVER_FOLD else None)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _four_bit(model, names: set[str]):
+    """Store the named uint8/int8 initializers (codes and zero points of 2- to 4-bit weights) as
+    ONNX UINT4/INT4 tensors: two values per byte, the types DequantizeLinear reads natively."""
+    import ml_dtypes
+    import onnx_ir as oi
+    for name, v in model.graph.initializers.items():
+        if name in names:
+            a = v.const_value.numpy()
+            a = a.astype(ml_dtypes.int4 if a.dtype == np.int8 else ml_dtypes.uint4)
+            v.const_value = oi.Tensor(a, name=name)
+            v.dtype = v.const_value.dtype
 
 
 def _hadamard_factors(n: int) -> list[np.ndarray]:
@@ -156,9 +221,10 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         raise LowbitError(f"form must be decoder or full, not '{form}'")
     # a fork: lowering replaces tensors there only
     ir = to_decoder(ir) if form == "decoder" else ir.fork()   # the decoder rewrite reads the structure, which lowering hides
-    PassManager("lower-kernels{target=onnx-ort}").run(ir)
+    PassManager(f"lower-kernels{{target={FLAVORS[flavor]}}}").run(ir)
+    table = _translations(flavor, accuracy_level)
     left = sorted({str(n.target) for n in ir.graph.nodes if n.op == "call_function"
-                   and getattr(n.target, "namespace", None) == "lowbit" and n.target not in _translations()})
+                   and getattr(n.target, "namespace", None) == "lowbit" and n.target not in table})
     if left:
         raise LowbitError(f"the {flavor} flavor cannot express {', '.join(left)} yet")
     if half_embedding:
@@ -174,9 +240,10 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
     else:
         module, example, shapes = ir.gm, (torch.randint(0, ir.info.vocab_size, (2, 16)),), ({0: A, 1: A},)
         inputs, outputs = ["input_ids"], ["logits"]
-    prog = torch.onnx.export(module.eval(), example, dynamo=True, opset_version=23, verbose=False,
-                             custom_translation_table=_translations(accuracy_level), dynamic_shapes=shapes,
+    prog = torch.onnx.export(module.eval(), example, dynamo=True, opset_version=23, verbose=False, optimize=False,
+                             custom_translation_table=table, dynamic_shapes=shapes,
                              input_names=inputs, output_names=outputs)
+    _optimize(prog.model)
     dims = {}
     for v, name in zip(prog.model.graph.inputs, inputs):   # symbols by role, read off the example's layout
         sh = [str(x) for x in v.shape]
@@ -190,6 +257,7 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         if v.name.startswith("present"):
             dims[str(v.shape[2])] = "total_sequence_length"
     _rename_dims(prog.model, dims)
+    _four_bit(prog.model, ir.scratch.get("onnx_4bit", set()))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     big = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values()) > 1 << 30
@@ -205,9 +273,13 @@ class OrtBackend:
     """An onnxruntime session over an exported model, decoder or full-sequence form."""
     name = "ort"
 
-    def __init__(self, path, optimize: bool = True, threads: int | None = None):
+    def __init__(self, path, optimize: bool = True, threads: int | None = None, exact: bool = True):
+        """exact: have onnxruntime's QDQ fusion (DequantizeLinear + MatMul -> MatMulNBits, on by
+        default) compute in float instead of with int8 activations (accuracy level 4)."""
         import onnxruntime as ort
         so = ort.SessionOptions()
+        if exact:
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         so.intra_op_num_threads = threads or torch.get_num_threads()
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
