@@ -42,3 +42,19 @@ def test_bench_quality_names_unknown_rows(tmp_path):
         bench_quality("x", "t", "c", ["nope"], [], tmp_path)
     with pytest.raises(LowbitError, match="unknown peer.*gguf"):
         bench_quality("x", "t", "c", [], ["gguf"], tmp_path)
+
+
+def test_bench_decode_rows(tmp_path, monkeypatch):
+    """Real exports and onnxruntime sessions on stories260K; speeds are printed, not asserted."""
+    from lowbit.tools.bench import bench_decode, decode_markdown
+    from lowbit.tools.cli import compile_model
+    need_data("stories260K", "stories260K.bin")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    compile_model(str(STORIES), tmp_path / "art", "quantize-weights{bits=4,group=32,lm_head=true}", progress=False)
+    rep = bench_decode([str(tmp_path / "art")], str(STORIES), tmp_path / "out", accuracy_levels=(4,),
+                       prompt_tokens=16, new_tokens=8, repeats=1, threads=1, log=lambda m: None)
+    rows = {r["row"]: r for r in rep["rows"]}
+    assert set(rows) == {"fp32", "art (ort, acc 4)"}   # no GGUF for this model: no llama.cpp row
+    assert rows["fp32"]["decode_vs_fp32"] == 1.0 and all(r["decode_tok_s"] > 0 for r in rows.values())
+    assert (tmp_path / "out" / "decode.md").read_text() == decode_markdown(rep)
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 2   # exports cached for the next run
