@@ -57,7 +57,8 @@ def _register_lowbit_schemas():
                                            type_constraints=cons, attributes=attrs))
 
 
-def _translations(flavor: str = "ort", accuracy_level: int = 0):
+def _translations(flavor: str = "ort", accuracy_level: int = 0, head: tuple[int, int] | None = None):
+    """head: (vocab size, accuracy level) for the MatMulNBits that produces the logits."""
     import onnxscript
     from onnxscript import opset23 as op
     _register_matmul_nbits_schema()
@@ -68,7 +69,7 @@ def _translations(flavor: str = "ort", accuracy_level: int = 0):
 
     def matmul_nbits(x, b, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
         return msft.MatMulNBits(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
-                                accuracy_level=accuracy_level)
+                                accuracy_level=head[1] if head and N == head[0] else accuracy_level)
 
     def dequantize_blocked(codes, scales, zero_points, block_size: int):
         return op.DequantizeLinear(codes, scales, zero_points, axis=0, block_size=block_size)
@@ -83,7 +84,8 @@ def _translations(flavor: str = "ort", accuracy_level: int = 0):
 
     table = {L.matmul_nbits.default: matmul_nbits, L.dequantize_blocked.default: dequantize_blocked,
              L.gather_lut.default: gather_lut, L.scatter_add.default: scatter_add,
-             L.hadamard.default: _hadamard, L.quantize_tokens.default: _quantize_tokens}
+             L.hadamard.default: _hadamard, L.quantize_tokens.default: _quantize_tokens,
+             L.kv_quantize.default: _kv_quantize, L.kv_dequantize.default: _kv_dequantize}
     if flavor == "trt":
         table[L.hadamard.default] = lambda x: lb.Hadamard(x)
         table[L.lut_matmul.default] = lambda x, q, lut, bits, K: lb.LutMatMul(x, q, lut, bits=bits, K=K)
@@ -149,27 +151,64 @@ def _hadamard(x):
     return op.Reshape(y, op.Shape(x))
 
 
-def _quantize_tokens(x, bits: int, group: int, sym: bool, clip: float):
-    """lowbit.quantize_tokens in standard ops (the same arithmetic: per token and group ranges,
-    round half to even, clamp), so a W4A8/KV-quantized model runs in any runtime."""
+def _token_codes(xg, bits: int, sym: bool, clip: float):
+    """Integer codes (as floats), scale and zero point per group along the last axis of xg: the
+    arithmetic of lowbit.quantize_tokens (round half to even, clamp) in standard ops."""
     from onnxscript import opset23 as op
-    d = x.shape[-1]
-    g = d if group == -1 else group
-    xg = op.Reshape(x, _const(np.array([-1, d // g, g], np.int64)))
     f = lambda v: _const(np.array(v, np.float32))   # noqa: E731
     axis = _const(np.array([-1], np.int64))
     if sym:
         qmax = (1 << (bits - 1)) - 1
         scale = op.Max(op.Div(op.Mul(op.ReduceMax(op.Abs(xg), axis), f(clip)), f(qmax)), f(1e-10))
-        out = op.Mul(op.Clip(op.Round(op.Div(xg, scale)), f(-qmax - 1), f(qmax)), scale)
+        zero = op.Add(op.Mul(scale, f(0)), f(1 << (bits - 1)))
+        codes = op.Add(op.Clip(op.Round(op.Div(xg, scale)), f(-qmax - 1), f(qmax)), zero)
     else:
         qmax = (1 << bits) - 1
         lo = op.Mul(op.Min(op.ReduceMin(xg, axis), f(0)), f(clip))
         hi = op.Mul(op.Max(op.ReduceMax(xg, axis), f(0)), f(clip))
         scale = op.Max(op.Div(op.Sub(hi, lo), f(qmax)), f(1e-10))
         zero = op.Round(op.Div(op.Neg(lo), scale))
-        out = op.Mul(op.Sub(op.Clip(op.Add(op.Round(op.Div(xg, scale)), zero), f(0), f(qmax)), zero), scale)
-    return op.Reshape(out, op.Shape(x))
+        codes = op.Clip(op.Add(op.Round(op.Div(xg, scale)), zero), f(0), f(qmax))
+    return codes, scale, zero
+
+
+def _quantize_tokens(x, bits: int, group: int, sym: bool, clip: float):
+    """lowbit.quantize_tokens in standard ops, so a W4A8/KV-quantized model runs in any runtime."""
+    from onnxscript import opset23 as op
+    d = x.shape[-1]
+    g = d if group == -1 else group
+    codes, scale, zero = _token_codes(op.Reshape(x, _const(np.array([-1, d // g, g], np.int64))), bits, sym, clip)
+    return op.Reshape(op.Mul(op.Sub(codes, zero), scale), op.Shape(x))
+
+
+def _kv_quantize(x, bits: int, group: int, sym: bool, clip: float):
+    """lowbit.kv_quantize: [B, H, S, D] -> uint8 codes (4-bit ones two per byte), scale, zero point."""
+    from onnxscript import opset23 as op
+    d = x.shape[-1]
+    g = d if group == -1 else group
+    shape = lambda *dims: _const(np.array([0, 0, 0, *dims], np.int64))   # noqa: E731  (0: keep B, H, S)
+    codes, scale, zero = _token_codes(op.Reshape(x, shape(d // g, g)), bits, sym, clip)
+    codes = op.Reshape(codes, shape(d))
+    if bits <= 4:
+        pairs = op.Reshape(codes, shape(d // 2, 2))
+        lo, hi = (op.Gather(pairs, _const(np.array(i, np.int64)), axis=4) for i in (0, 1))
+        codes = op.Add(lo, op.Mul(hi, _const(np.array(16, np.float32))))
+    last = _const(np.array([-1], np.int64))
+    return op.Cast(codes, to=2), op.Squeeze(scale, last), op.Cast(op.Squeeze(zero, last), to=2)
+
+
+def _kv_dequantize(codes, scale, zero, bits: int):
+    from onnxscript import opset23 as op
+    shape = lambda *dims: _const(np.array([0, 0, 0, *dims], np.int64))   # noqa: E731
+    last = _const(np.array([-1], np.int64))
+    c = op.Cast(codes, to=1)
+    if bits <= 4:
+        hi = op.Floor(op.Div(c, _const(np.array(16, np.float32))))
+        lo = op.Sub(c, op.Mul(hi, _const(np.array(16, np.float32))))
+        c = op.Reshape(op.Concat(op.Unsqueeze(lo, last), op.Unsqueeze(hi, last), axis=-1), shape(-1))
+    cg = op.Reshape(c, shape(scale.shape[-1], -1))
+    out = op.Mul(op.Sub(cg, op.Unsqueeze(op.Cast(zero, to=1), last)), op.Unsqueeze(scale, last))
+    return op.Reshape(out, shape(-1))
 
 
 def _half_embedding(ir):
@@ -192,11 +231,10 @@ def _half_embedding(ir):
     ir.changed()
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+def io_names(past_specs) -> tuple[list[str], list[str]]:
     """Input and output names of the decoder form (optimum's and onnxruntime-genai's layout)."""
-    kv = [(i, k) for i in range(n_layers) for k in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv],
-            ["logits"] + [f"present.{i}.{k}" for i, k in kv])
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n, *_ in past_specs],
+            ["logits"] + [f"present.{n}" for n, *_ in past_specs])
 
 
 def _rename_dims(model, names: dict[str, str]):
@@ -210,7 +248,7 @@ def _rename_dims(model, names: dict[str, str]):
 
 
 def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accuracy_level: int = 4,
-                half_embedding: bool = True) -> Path:
+                half_embedding: bool = True, head_accuracy_level: int | None = None) -> Path:
     """Lower a copy of the IR for `flavor` and export its decoder (KV cache) or full-sequence form;
     returns the path written. accuracy_level is MatMulNBits' (0: exact float, 4: int8 activations)."""
     from lowbit.ir.decoder import to_decoder
@@ -222,7 +260,8 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
     # a fork: lowering replaces tensors there only
     ir = to_decoder(ir) if form == "decoder" else ir.fork()   # the decoder rewrite reads the structure, which lowering hides
     PassManager(f"lower-kernels{{target={FLAVORS[flavor]}}}").run(ir)
-    table = _translations(flavor, accuracy_level)
+    table = _translations(flavor, accuracy_level,
+                          None if head_accuracy_level is None else (ir.info.vocab_size, head_accuracy_level))
     left = sorted({str(n.target) for n in ir.graph.nodes if n.op == "call_function"
                    and getattr(n.target, "namespace", None) == "lowbit" and n.target not in table})
     if left:
@@ -234,9 +273,9 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         d = ir
         module, (b, s, p) = d.gm, (2, 5, 3)
         example = (torch.randint(0, ir.info.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
-                   torch.arange(p, p + s).expand(b, s), *[torch.zeros(b, h, p, hd) for h, hd in d.kv_shape for _ in "kv"])
-        shapes = ({0: A, 1: A}, {0: A, 1: A}, {0: A, 1: A}, *[{0: A, 2: A}] * (2 * len(d.kv_shape)))
-        inputs, outputs = io_names(len(d.kv_shape))
+                   torch.arange(p, p + s).expand(b, s), *[torch.zeros(b, h, p, x, dtype=t) for _, t, h, x in d.past_specs])
+        shapes = ({0: A, 1: A}, {0: A, 1: A}, {0: A, 1: A}, *[{0: A, 2: A}] * len(d.past_specs))
+        inputs, outputs = io_names(d.past_specs)
     else:
         module, example, shapes = ir.gm, (torch.randint(0, ir.info.vocab_size, (2, 16)),), ({0: A, 1: A},)
         inputs, outputs = ["input_ids"], ["logits"]
@@ -287,10 +326,11 @@ class OrtBackend:
 
         ins = self.session.get_inputs()
         self.inputs = [i.name for i in ins]
-        self.kv_shape = [(i.shape[1], i.shape[3]) for i in ins if i.name.endswith(".key")]
+        types = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}
+        self.past_specs = [(i.name, types[i.type], i.shape[1], i.shape[3]) for i in ins if i.name.startswith("past_key_values")]
 
     def empty_past(self, b):
-        return [np.zeros((b, h, 0, hd), np.float32) for h, hd in self.kv_shape for _ in "kv"]
+        return [np.zeros((b, h, 0, x), t) for _, t, h, x in self.past_specs]
 
     def step(self, input_ids, attention_mask, position_ids, past):
         """One decoder call: -> (logits, presents), numpy in and out."""

@@ -5,6 +5,10 @@ generated one token at a time instead of re-running the whole sequence.
             past_key_values.0.key, past_key_values.0.value, ...  [B, kv_heads, P, head_dim])
         -> (logits [B, S, vocab], present.0.key, present.0.value, ...  [B, kv_heads, P+S, head_dim])
 
+With a KV quantizer (quantize-kv) the cache holds what a quantized cache stores: per layer and
+K/V, `.key` uint8 codes (two 4-bit codes per byte), `.key_scale` float32 and `.key_zero` uint8
+per token and group (ir/quant.py, kv_quantize), dequantized for the attention op.
+
 This is the input/output layout of optimum's and onnxruntime-genai's decoder exports. The rewrite
 is found from the graph, as every pass is: at each attention op, the keys and values are traced
 back through any GQA head repeat (and a KV quantizer, which then runs before the cache, so the
@@ -25,6 +29,7 @@ from .graph import IR
 
 aten = torch.ops.aten
 _KV_QUANT = quant.quantize_tokens._opoverload
+_KV_Q, _KV_DQ = quant.kv_quantize._opoverload, quant.kv_dequantize._opoverload
 _REPEAT = {aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default}
 _FLOAT_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 
@@ -92,17 +97,29 @@ def to_decoder(ir: IR) -> IR:
     ids = phs[0]
     pos_node = _positions(g)
 
+    # what each attention caches: float K/V, or (with a KV quantizer) codes, scales and zero points
+    plan = [[_kv_source(x, a.sdpa) for x in a.sdpa.args[1:3]] for a in atts]
+    specs = []
+    for i, (a, kv) in enumerate(zip(atts, plan)):
+        for kind, (_, q) in zip(("key", "value"), kv):
+            if q:
+                bits, group = q[0], q[1]
+                groups = 1 if group == -1 else a.head_dim // group
+                specs += [(f"{i}.{kind}", torch.uint8, a.n_kv_heads, a.head_dim // 2 if bits <= 4 else a.head_dim),
+                          (f"{i}.{kind}_scale", torch.float32, a.n_kv_heads, groups),
+                          (f"{i}.{kind}_zero", torch.uint8, a.n_kv_heads, groups)]
+            else:
+                specs.append((f"{i}.{kind}", torch.float32, a.n_kv_heads, a.head_dim))
+
     with g.inserting_after(phs[-1]):
         mask_in = g.placeholder("attention_mask")
     with g.inserting_after(mask_in):
         pos_in = g.placeholder("position_ids")
     last = pos_in
-    past = []
-    for i in range(len(atts)):
-        for kind in ("key", "value"):
-            with g.inserting_after(last):
-                last = g.placeholder(f"past_key_values_{i}_{kind}")
-            past.append(last)
+    past = {}
+    for name, *_ in specs:
+        with g.inserting_after(last):
+            last = past[name] = g.placeholder("past_key_values_" + name.replace(".", "_"))
 
     with g.inserting_before(last.next):
         # positions: [B, S] with as many trailing unit dims as the captured position tensor had
@@ -127,12 +144,18 @@ def to_decoder(ir: IR) -> IR:
     for i, a in enumerate(atts):
         sdpa = a.sdpa
         new_kv = []
-        for j, x in enumerate(sdpa.args[1:3]):
-            src, qargs = _kv_source(x, sdpa)
+        for kind, (src, qargs) in zip(("key", "value"), plan[i]):
+            name = f"{i}.{kind}"
             with g.inserting_before(sdpa):
-                cur = _call(g, _KV_QUANT, src, *qargs) if qargs else src
-                total = _call(g, aten.cat.default, [past[2 * i + j], cur], 2)
-                presents.append(total)
+                if qargs:   # cache the codes; attend over their dequantized values
+                    parts = _call(g, _KV_Q, src, *qargs)
+                    cat = [_call(g, aten.cat.default, [past[name + sfx], _call(g, operator.getitem, parts, k)], 2)
+                           for k, sfx in enumerate(("", "_scale", "_zero"))]
+                    presents += cat
+                    total = _call(g, _KV_DQ, *cat, qargs[0])
+                else:
+                    total = _call(g, aten.cat.default, [past[name], src], 2)
+                    presents.append(total)
                 rep = a.n_heads // a.n_kv_heads
                 if rep > 1:
                     b = _call(g, aten.sym_size.int, total, 0)
@@ -165,5 +188,5 @@ def to_decoder(ir: IR) -> IR:
                               "cannot convert this graph to a KV-cache decoder")
     g.lint()
     d.changed()
-    d.kv_shape = [(a.n_kv_heads, a.head_dim) for a in atts]
+    d.past_specs = specs   # (name, dtype, heads, last dim) of each cache tensor, in input order
     return d

@@ -301,3 +301,58 @@ def _(x, bits, group, sym, clip):
 
 
 quantize_tokens.register_autograd(lambda ctx, grad: (grad, None, None, None, None))   # straight through
+
+
+# -- quantized KV cache (the decoder's past/present) ---------------------------------------------
+# Per token and group of `group` values (-1: the whole head) along head_dim D: codes uint8
+# [B, H, S, D] (for bits <= 4, two per byte: [B, H, S, D/2], code 2j in the low nibble), scale
+# float32 [B, H, S, G], zero point uint8 [B, H, S, G] (2^(bits-1) for symmetric). Dequantizing
+# gives exactly lowbit.quantize_tokens' output, so a cached decoder matches the reference graph.
+def _kv_groups(x, group):
+    d = x.shape[-1]
+    g = d if group == -1 else group
+    return x.float().reshape(*x.shape[:-1], d // g, g)
+
+
+@torch.library.custom_op("lowbit::kv_quantize", mutates_args=())
+def kv_quantize(x: torch.Tensor, bits: int, group: int, sym: bool, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xg = _kv_groups(x, group)
+    if sym:
+        qmax = (1 << (bits - 1)) - 1
+        scale = (xg.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=1e-10)
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+        codes = torch.clamp(torch.round(xg / scale), -qmax - 1, qmax) + zero
+    else:
+        qmax = (1 << bits) - 1
+        lo = xg.amin(-1, keepdim=True).clamp(max=0) * clip
+        hi = xg.amax(-1, keepdim=True).clamp(min=0) * clip
+        scale = ((hi - lo) / qmax).clamp(min=1e-10)
+        zero = torch.round(-lo / scale)
+        codes = torch.clamp(torch.round(xg / scale) + zero, 0, qmax)
+    codes = codes.reshape(x.shape)
+    if bits <= 4:
+        codes = codes[..., 0::2] + 16 * codes[..., 1::2]
+    return codes.to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1).to(torch.uint8)
+
+
+@kv_quantize.register_fake
+def _(x, bits, group, sym, clip):
+    d = x.shape[-1]
+    n = d // (d if group == -1 else group)
+    return (x.new_empty(*x.shape[:-1], d // 2 if bits <= 4 else d, dtype=torch.uint8),
+            x.new_empty(*x.shape[:-1], n, dtype=torch.float32), x.new_empty(*x.shape[:-1], n, dtype=torch.uint8))
+
+
+@torch.library.custom_op("lowbit::kv_dequantize", mutates_args=())
+def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    c = codes.float()
+    if bits <= 4:
+        hi = torch.floor(c / 16)
+        c = torch.stack((c - 16 * hi, hi), -1).flatten(-2)
+    cg = c.reshape(*c.shape[:-1], scale.shape[-1], -1)
+    return ((cg - zero.float()[..., None]) * scale[..., None]).reshape(c.shape)
+
+
+@kv_dequantize.register_fake
+def _(codes, scale, zero, bits):
+    return codes.new_empty(*codes.shape[:-1], codes.shape[-1] * (2 if bits <= 4 else 1), dtype=torch.float32)

@@ -10,7 +10,7 @@ from models import tiny_ir
 
 
 def _empty(d, b):
-    return [torch.zeros(b, h, 0, hd) for h, hd in d.kv_shape for _ in "kv"]
+    return [torch.zeros(b, h, 0, x, dtype=t) for _, t, h, x in d.past_specs]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "phi3"])
@@ -21,7 +21,7 @@ def test_decoder_steps_reproduce_full_sequence(family):
     ref = ir(x)
     ones = lambda n: torch.ones(2, n, dtype=torch.long)  # noqa: E731
     full = d.gm(x, ones(12), torch.arange(12).expand(2, 12), *_empty(d, 2))
-    assert torch.allclose(full[0], ref, atol=1e-5) and full[1].shape == (2, d.kv_shape[0][0], 12, d.kv_shape[0][1])
+    assert torch.allclose(full[0], ref, atol=1e-5) and full[1].shape == (2, d.past_specs[0][2], 12, d.past_specs[0][3])
     out = d.gm(x[:, :5], ones(5), torch.arange(5).expand(2, 5), *_empty(d, 2))
     logits, past = [out[0]], out[1:]
     for t in range(5, 12):
@@ -58,9 +58,12 @@ def test_decoder_caches_quantized_kv_and_keeps_rotations():
         logits.append(out[0])
         past = out[1:]
     assert torch.allclose(torch.cat(logits, 1), ref, atol=1e-4)
-    # the cache holds 4-bit values: at most 16 distinct per token and head
-    k = past[0][0, 0]
-    assert max(len(torch.unique(row)) for row in k) <= 16
+    # the cache holds 4-bit codes, two per byte, with a scale and zero point per token and head
+    names = [n for n, *_ in d.past_specs]
+    assert names[:3] == ["0.key", "0.key_scale", "0.key_zero"]
+    codes, scale, zero = past[:3]
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == d.past_specs[0][3] == ir.analysis.attentions[0].head_dim // 2
+    assert scale.shape[-1] == 1 and zero.dtype == torch.uint8 and codes.shape[2] == 10
 
 
 def test_generation_torch_and_ort_agree(stories_ir, tmp_path):

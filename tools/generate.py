@@ -18,12 +18,12 @@ class TorchDecoder:
     def __init__(self, ir):
         from lowbit.backends.reference import fold_weights
         d = to_decoder(ir)
-        self.kv_shape = d.kv_shape
+        self.past_specs = d.past_specs
         with torch.no_grad():
             self.gm = fold_weights(d)
 
     def empty_past(self, b):
-        return [torch.zeros(b, h, 0, hd) for h, hd in self.kv_shape for _ in "kv"]
+        return [torch.zeros(b, h, 0, x, dtype=t) for _, t, h, x in self.past_specs]
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, position_ids, past):
