@@ -6,7 +6,9 @@ kernel ops their target runtime executes. Every kernel op has a CPU reference im
 - onnx-qdq: -> matmul over lowbit.dequantize_blocked (opset-21 DequantizeLinear, blocked int4/int8).
 - trt: as onnx-qdq, but lookup-table linears -> lowbit.lut_matmul and sparse outliers ->
   lowbit.sparse_matmul added to the product: nodes in the `lowbit` ONNX domain for the plugins.
-- every target but trt: lookup tables -> lowbit.gather_lut, outliers -> lowbit.scatter_add (standard
+- cuda: the plugins' kernels in PyTorch (plugins/torch_ops.py): int4 linears as onnx-ort,
+  lookup tables and outliers as trt.
+- onnx-ort and onnx-qdq: lookup tables -> lowbit.gather_lut, outliers -> lowbit.scatter_add (standard
   GatherElements / ScatterElements), weights the ort target cannot hold as MatMulNBits -> onnx-qdq's form."""
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from lowbit.ir.quant import csr_rows, dequantize, dequantize_lut, sparse_add, un
 
 from .base import Exact, Pass, PassContext, PassResult, register
 
-TARGETS = ("torch", "onnx-ort", "onnx-qdq", "trt")
+TARGETS = ("torch", "onnx-ort", "onnx-qdq", "trt", "cuda")
 aten = torch.ops.aten
 
 
@@ -60,10 +62,11 @@ class LowerKernels(Pass):
             return PassResult(False)
         self.ir, counts = ir, {}
         g = ir.graph
+        fused = t in ("trt", "cuda")   # LUT GEMM and sparse matvec kernels
         for n in [n for n in g.nodes if n.target is _op(sparse_add)]:
-            counts["sparse"] = counts.get("sparse", 0) + self._sparse(n, t == "trt")
+            counts["sparse"] = counts.get("sparse", 0) + self._sparse(n, fused)
         for n in [n for n in g.nodes if n.target is _op(dequantize_lut)]:
-            counts["lut"] = counts.get("lut", 0) + self._lut(n, t == "trt")
+            counts["lut"] = counts.get("lut", 0) + self._lut(n, fused)
         for n in [n for n in g.nodes if n.target is _op(dequantize)]:
             kind = self._uniform(n, t)
             counts[kind] = counts.get(kind, 0) + 1
@@ -141,7 +144,7 @@ class LowerKernels(Pass):
         bits, group, k = n.args[3:6]
         use = _weight_of(n)
         base = self._base(n)
-        if target == "onnx-ort" and use and bits in (2, 4, 8) and kernels.block_size_for(group, k):
+        if target in ("onnx-ort", "cuda") and use and bits in (2, 4, 8) and kernels.block_size_for(group, k):
             lin, bias = use
             b, scales, zp, bs = kernels.to_matmul_nbits(q, s, z, bits, group, k)
             attrs = [self._attr(f"{base}.ort.{key}", t, n) if t is not None else None

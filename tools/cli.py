@@ -213,7 +213,9 @@ def cmd_run(args):
     from lowbit.tools.generate import TorchDecoder, generate
     if args.backend == "torch":
         ir = _load(args.model)
-        backend = TorchDecoder(ir)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise LowbitError("--device cuda: torch sees no CUDA device")
+        backend = TorchDecoder(ir, args.device)
         tok = ir.tokenizer
     else:
         from lowbit.backends.onnx import OrtBackend, cached_export
@@ -240,6 +242,13 @@ def cmd_run(args):
     print()
     _log(f"{backend.name}: prefill {res['prefill_tokens']} tokens at {res['prefill_tokens'] / res['prefill_s']:.0f} tok/s, "
          f"decode {res['decode_tokens']} tokens at {res['decode_tokens'] / res['decode_s']:.1f} tok/s")
+
+
+def cmd_plugins_build(args):
+    from lowbit.plugins.build import build
+    t = time.perf_counter()
+    lib = build(Path(args.out) if args.out else None)
+    _log(f"built {lib} ({lib.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f}s")
 
 
 def cmd_bench_decode(args):
@@ -309,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="artifact (or, with --backend torch, any model spec)")
     r.add_argument("--prompt", required=True)
     r.add_argument("--backend", choices=["torch", "ort"], default="torch")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="with --backend torch: cuda runs the plugins' kernels (lowbit plugins build)")
     r.add_argument("--flavor", choices=["ort"], default="ort")
     r.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4)
     r.add_argument("--max-new-tokens", type=int, default=64)
@@ -351,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", default="lowbit-out/bench-decode")
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(fn=cmd_bench_decode)
+
+    pl = sub.add_parser("plugins", help="CUDA kernels: build")
+    plsub = pl.add_subparsers(dest="plugins", required=True)
+    pb = plsub.add_parser("build", help="compile plugins/kernels.cu with nvcc for sm_80 and sm_90")
+    pb.add_argument("--out", help="output directory (default: ~/.cache/lowbit/plugins)")
+    pb.set_defaults(fn=cmd_plugins_build)
 
     d = sub.add_parser("demo", help="compile the default model and compare perplexity with FP")
     d.add_argument("--out", default="lowbit-out/smollm2-135m-w4-rtn")

@@ -15,20 +15,30 @@ class TorchDecoder:
     """The reference runtime over the IR's decoder form."""
     name = "torch"
 
-    def __init__(self, ir):
+    def __init__(self, ir, device: str = "cpu"):
         from lowbit.backends.reference import fold_weights
         d = to_decoder(ir)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":   # the plugins' kernels for quantized linears, tables, outliers, Hadamard
+            from lowbit.passes import PassManager
+            from lowbit.plugins import torch_ops
+            torch_ops.register()
+            PassManager("lower-kernels{target=cuda}").run(d)
+            for n in d.graph.nodes:   # ops the capture pinned to the CPU (arange, ...)
+                if "device" in n.kwargs:
+                    n.kwargs = {**n.kwargs, "device": self.device}
+            d.changed()
         self.past_specs = d.past_specs
         with torch.no_grad():
-            self.gm = fold_weights(d)
+            self.gm = fold_weights(d).to(self.device)
 
     def empty_past(self, b):
-        return [torch.zeros(b, h, 0, x, dtype=t) for _, t, h, x in self.past_specs]
+        return [torch.zeros(b, h, 0, x, dtype=t, device=self.device) for _, t, h, x in self.past_specs]
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, position_ids, past):
-        out = self.gm(*(torch.from_numpy(a) for a in (input_ids, attention_mask, position_ids)), *past)
-        return out[0].numpy(), list(out[1:])
+        out = self.gm(*(torch.from_numpy(a).to(self.device) for a in (input_ids, attention_mask, position_ids)), *past)
+        return out[0].float().cpu().numpy(), list(out[1:])
 
 
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
