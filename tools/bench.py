@@ -197,3 +197,72 @@ def decode_markdown(rep: dict) -> str:
     for k, v in rep["skipped"].items():
         lines.append(f"\n{k} skipped: {v}")
     return "\n".join(lines) + "\n"
+
+
+# -- CUDA kernels (a GPU machine) -------------------------------------------------------------------
+PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039,
+            "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
+
+
+def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)),
+                  batches=(1, 4, 16), repeats: int = 50, log=print) -> dict:
+    """Each plugin kernel against cuBLAS fp16 (torch.matmul) on the same shapes, timed side by side
+    with CUDA events (median of `repeats`): time, speed-up, achieved bandwidth vs the device's peak."""
+    import statistics
+
+    import torch
+
+    from lowbit.ir import kernels
+    from lowbit.ir.quant import pack, to_csr
+    from lowbit.plugins import torch_ops
+    if not torch.cuda.is_available():
+        raise LowbitError("bench kernels needs a CUDA GPU")
+    torch_ops.register()
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
+    dev = "cuda"
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) * 1e3)
+        return statistics.median(ts)   # microseconds
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        w16 = (torch.randn(n, k, generator=g) * 0.02).half().to(dev)
+        b, s, z, bs = kernels.to_matmul_nbits(pack(torch.randint(0, 16, (n, k), generator=g), 4),
+                                              torch.rand(n, k // 128, generator=g).half() * 0.01, None, 4, 128, k)
+        b, s = b.to(dev), s.half().to(dev)
+        q3 = pack(torch.randint(0, 8, (n, k), generator=g), 3).to(dev)
+        lut = torch.randn(n, 8, generator=g).half().to(dev)
+        crow, col, val = (t.to(dev) for t in to_csr(torch.rand(n, k, generator=g) < 0.0045, torch.randn(n, k, generator=g)))
+        for m in batches:
+            x = torch.randn(m, k, generator=g).half().to(dev)
+            t16 = timed(lambda: torch.matmul(x, w16.T))
+            t4 = timed(lambda: torch_ops.matmul_nbits(x, b, s, None, None, k, n, 4, bs))
+            row = {"K": k, "N": n, "batch": m, "cublas_fp16_us": round(t16, 1), "int4_us": round(t4, 1),
+                   "int4_speedup": round(t16 / t4, 2),
+                   "int4_bw_frac": round((b.numel() + 2 * s.numel()) / t4 / 1e3 / peak, 3) if peak else None}
+            if m <= 8:
+                t3 = timed(lambda: torch_ops.lut_matmul(x, q3, lut, 3, k))
+                tsp = timed(lambda: torch_ops.sparse_matmul(x, crow, col, val, n))
+                row.update({"lut3_us": round(t3, 1), "lut3_speedup": round(t16 / t3, 2),
+                            "sparse_us": round(tsp, 1), "sparse_vs_int4": round(tsp / t4, 3)})
+            rows.append(row)
+            log(str(row))
+    had = []
+    for n in (4096, 11008, 14336):   # 2^12, 172 * 2^6, 28 * 2^9
+        x = torch.randn(4096, n, generator=g).half().to(dev)
+        th = timed(lambda: torch_ops.hadamard(x))
+        tc = timed(lambda: x.clone())
+        had.append({"n": n, "rows": 4096, "hadamard_us": round(th, 1), "copy_us": round(tc, 1), "ratio": round(th / tc, 2)})
+    return {"device": name, "peak_gbs": peak, "rows": rows, "hadamard": had}

@@ -205,7 +205,14 @@ def cmd_export(args):
     from lowbit.ir.artifact import is_artifact
     if not is_artifact(args.artifact):
         raise LowbitError(f"{args.artifact}: not a lowbit artifact (no manifest.json and graph.json)")
-    path = export_onnx(_load(args.artifact), Path(args.out), args.flavor, args.form, args.accuracy_level)
+    if args.format == "trt":   # the trt-flavor ONNX, then a TensorRT engine from it
+        import tempfile
+
+        from lowbit.backends.tensorrt import build_engine
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_engine(export_onnx(_load(args.artifact), Path(tmp) / "model.onnx", "trt"), Path(args.out))
+    else:
+        path = export_onnx(_load(args.artifact), Path(args.out), args.flavor, args.form, args.accuracy_level)
     _log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -242,6 +249,15 @@ def cmd_run(args):
     print()
     _log(f"{backend.name}: prefill {res['prefill_tokens']} tokens at {res['prefill_tokens'] / res['prefill_s']:.0f} tok/s, "
          f"decode {res['decode_tokens']} tokens at {res['decode_tokens'] / res['decode_s']:.1f} tok/s")
+
+
+def cmd_bench_kernels(args):
+    from lowbit.tools.bench import bench_kernels
+    rep = bench_kernels(repeats=args.repeats, log=_log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(rep, indent=2) + "\n")
+    print(json.dumps(rep, indent=2))
 
 
 def cmd_plugins_build(args):
@@ -304,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export an artifact to ONNX")
     x.add_argument("artifact")
-    x.add_argument("--format", choices=["onnx"], default="onnx")
-    x.add_argument("--flavor", choices=["ort"], default="ort",
-                   help="ort: quantized linears as com.microsoft::MatMulNBits")
+    x.add_argument("--format", choices=["onnx", "trt"], default="onnx",
+                   help="trt: a TensorRT engine built from the trt-flavor ONNX (needs TensorRT)")
+    x.add_argument("--flavor", choices=["ort", "qdq", "trt"], default="ort",
+                   help="ort: com.microsoft::MatMulNBits; qdq: standard ONNX (blocked INT4 DequantizeLinear); "
+                        "trt: qdq plus lowbit-domain nodes for the TensorRT plugins")
     x.add_argument("--form", choices=["decoder", "full"], default="decoder",
                    help="decoder: KV cache in and out (past_key_values.* / present.*); full: input_ids -> logits")
     x.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
@@ -368,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb = plsub.add_parser("build", help="compile plugins/kernels.cu with nvcc for sm_80 and sm_90")
     pb.add_argument("--out", help="output directory (default: ~/.cache/lowbit/plugins)")
     pb.set_defaults(fn=cmd_plugins_build)
+
+    bk = bsub.add_parser("kernels", help="CUDA kernels against cuBLAS fp16 (needs a GPU)")
+    bk.add_argument("--repeats", type=int, default=50)
+    bk.add_argument("--out", default="lowbit-out/bench-kernels")
+    bk.set_defaults(fn=cmd_bench_kernels)
 
     d = sub.add_parser("demo", help="compile the default model and compare perplexity with FP")
     d.add_argument("--out", default="lowbit-out/smollm2-135m-w4-rtn")
