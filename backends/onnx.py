@@ -140,14 +140,18 @@ def _const(a):
 
 
 def _hadamard(x):
-    """lowbit.hadamard in standard ops: x viewed as [rows, f1, ..., fr]; each step multiplies the
-    last axis by its factor and rotates it to the front, so after r steps the axes are back in order."""
+    """lowbit.hadamard in standard ops: x viewed as [rows, f1, ..., fr]; factor i multiplies axis i,
+    as a left product on x reshaped to [-1, f_i, f_(i+1) * ... * f_r] (the last one as a right
+    product): one Reshape and one MatMul per factor, no transposes."""
     from onnxscript import opset23 as op
     mats = _hadamard_factors(x.shape[-1])
-    r = len(mats)
-    y = op.Reshape(x, _const(np.array([-1] + [m.shape[0] for m in mats], np.int64)))
-    for m in reversed(mats):
-        y = op.Transpose(op.MatMul(y, _const(m)), perm=[0, r] + list(range(1, r)))
+    y = x
+    for i, m in enumerate(mats):
+        rest = int(np.prod([f.shape[0] for f in mats[i + 1:]], dtype=np.int64))
+        if rest == 1:
+            y = op.MatMul(op.Reshape(y, _const(np.array([-1, m.shape[0]], np.int64))), _const(m))
+        else:   # out[a, :] = sum_c M[c, a] y[c, :]
+            y = op.MatMul(_const(np.ascontiguousarray(m.T)), op.Reshape(y, _const(np.array([-1, m.shape[0], rest], np.int64))))
     return op.Reshape(y, op.Shape(x))
 
 

@@ -8,11 +8,11 @@ RECIPES: dict[str, tuple[str, str]] = {
     "quarot-w4-gptq": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
                        "quantize-weights{method=gptq,bits=4,group=128,sym=false}",
                        "QuaRot-style random Hadamard rotations, then int4 asymmetric GPTQ, group 128 (needs --calib)"),
-    "quarot-w4-gptq-deploy": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
+    "quarot-w4-gptq-deploy": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard{r3=false},"
                               "quantize-weights{method=gptq,bits=4,group=128,sym=false},"
                               "quantize-weights{method=rtn,bits=8,group=128,sym=false,lm_head=true}",
-                              "quarot-w4-gptq with the lm_head packed too, in int8: every weight packed, for onnxruntime "
-                              "decoding (needs --calib)"),
+                              "quarot-w4-gptq for deployment: lm_head packed too (int8), no R3 (it cancels in q k^T "
+                              "and only serves KV-cache quantization), so decoding runs fewer online Hadamards (needs --calib)"),
     "w4-rtn-sym": ("fold-norms,quantize-weights{method=rtn,bits=4,group=128,sym=true}",
                    "int4 symmetric round-to-nearest, group 128, norms folded first"),
     "w4-rtn-perchannel": ("fold-norms,quantize-weights{method=rtn,bits=4,group=-1,sym=true}",
