@@ -360,6 +360,11 @@ def cached_export(spec: str, flavor: str = "ort", accuracy_level: int = 4, log=N
     from lowbit.tools.cli import _version
     h = hashlib.sha256(json.dumps([flavor, accuracy_level, _version("lowbit"), _version("torch"),
                                    _version("onnxscript")]).encode())
+    from lowbit.ir import decoder
+    from lowbit.passes import lower_kernels
+    for mod in (decoder, kernels, lower_kernels):   # the exporter's own code: a change re-exports
+        h.update(Path(mod.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
     if is_artifact(spec):
         for f in ("manifest.json", "graph.json"):
             h.update((Path(spec) / f).read_bytes())

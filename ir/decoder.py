@@ -13,7 +13,8 @@ This is the input/output layout of optimum's and onnxruntime-genai's decoder exp
 is found from the graph, as every pass is: at each attention op, the keys and values are traced
 back through any GQA head repeat (and a KV quantizer, which then runs before the cache, so the
 cache holds quantized values) to their [B, kv_heads, S, head_dim] source; the past is concatenated
-there and the repeat rebuilt over the whole length. The mask becomes causal with the past offset,
+there, and the attention op reads the kv_heads heads itself (enable_gqa: no per-step copy of the
+whole cache per query head). The mask becomes causal with the past offset,
 and-ed with `attention_mask` (each query also sees itself, so a padding row never attends to
 nothing). RoPE reads `position_ids` where the captured graph counted positions from 0."""
 from __future__ import annotations
@@ -156,13 +157,6 @@ def to_decoder(ir: IR) -> IR:
                 else:
                     total = _call(g, aten.cat.default, [past[name], src], 2)
                     presents.append(total)
-                rep = a.n_heads // a.n_kv_heads
-                if rep > 1:
-                    b = _call(g, aten.sym_size.int, total, 0)
-                    tt = _call(g, aten.sym_size.int, total, 2)
-                    e = _call(g, aten.expand.default, _call(g, aten.unsqueeze.default, total, 2),
-                              [b, a.n_kv_heads, rep, tt, a.head_dim])
-                    total = _call(g, aten.reshape.default, e, [b, a.n_heads, tt, a.head_dim])
             new_kv.append(total)
         args = list(sdpa.args)
         args[1:3] = new_kv
@@ -175,6 +169,8 @@ def to_decoder(ir: IR) -> IR:
         if len(args) > 5:   # positional is_causal
             args[5] = False
             kwargs.pop("is_causal")
+        if a.n_heads != a.n_kv_heads:   # the attention op reads kv_heads heads: no copy of the cache per head
+            kwargs["enable_gqa"] = True
         sdpa.args, sdpa.kwargs = tuple(args), kwargs
 
     out = next(n for n in g.nodes if n.op == "output")
