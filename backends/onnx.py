@@ -1,8 +1,12 @@
-"""ONNX export of a compiled IR (full-sequence form: input_ids -> logits) and an onnxruntime
-backend. Flavor `ort`: quantized linears become `com.microsoft::MatMulNBits` (lowered by
-`lower-kernels{target=onnx-ort}`); everything else is standard ONNX from torch.onnx's dynamo
-exporter. Still to come (the ONNX issue): the KV-cache decoder, the qdq and trt flavors, and the
-remaining lowbit ops."""
+"""ONNX export of a compiled IR, as the KV-cache decoder (ir/decoder.py) or the full-sequence
+form (input_ids -> logits), and an onnxruntime backend.
+
+The IR is lowered for the flavor (`lower-kernels`) and exported by torch.onnx's dynamo exporter at
+opset 23 (fused Attention, RMSNormalization, RotaryEmbedding); lowbit's kernel ops are translated
+here: ort -> com.microsoft::MatMulNBits; qdq -> blocked INT4/INT8 DequantizeLinear, GatherElements
+for lookup tables, ScatterElements for outliers; trt -> qdq plus lowbit-domain nodes (Hadamard,
+LutMatMul, SparseMatMul) for the TensorRT plugins. Online Hadamards, activation and KV quantizers
+become standard ops in every flavor but trt's Hadamard."""
 from __future__ import annotations
 
 import functools
@@ -57,8 +61,7 @@ def _register_lowbit_schemas():
                                            type_constraints=cons, attributes=attrs))
 
 
-def _translations(flavor: str = "ort", accuracy_level: int = 0, head: tuple[int, int] | None = None):
-    """head: (vocab size, accuracy level) for the MatMulNBits that produces the logits."""
+def _translations(flavor: str = "ort", accuracy_level: int = 0):
     import onnxscript
     from onnxscript import opset23 as op
     _register_matmul_nbits_schema()
@@ -69,7 +72,7 @@ def _translations(flavor: str = "ort", accuracy_level: int = 0, head: tuple[int,
 
     def matmul_nbits(x, b, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
         return msft.MatMulNBits(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
-                                accuracy_level=head[1] if head and N == head[0] else accuracy_level)
+                                accuracy_level=accuracy_level)
 
     def dequantize_blocked(codes, scales, zero_points, block_size: int):
         return op.DequantizeLinear(codes, scales, zero_points, axis=0, block_size=block_size)
@@ -252,7 +255,7 @@ def _rename_dims(model, names: dict[str, str]):
 
 
 def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accuracy_level: int = 4,
-                half_embedding: bool = True, head_accuracy_level: int | None = None) -> Path:
+                half_embedding: bool = True) -> Path:
     """Lower a copy of the IR for `flavor` and export its decoder (KV cache) or full-sequence form;
     returns the path written. accuracy_level is MatMulNBits' (0: exact float, 4: int8 activations)."""
     from lowbit.ir.decoder import to_decoder
@@ -261,11 +264,11 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         raise LowbitError(f"flavor '{flavor}' is not available yet (available: {', '.join(FLAVORS)})")
     if form not in ("decoder", "full"):
         raise LowbitError(f"form must be decoder or full, not '{form}'")
-    # a fork: lowering replaces tensors there only
-    ir = to_decoder(ir) if form == "decoder" else ir.fork()   # the decoder rewrite reads the structure, which lowering hides
+    # a fork, so lowering replaces tensors there only; the decoder rewrite first, as it reads the
+    # structure that lowering hides
+    ir = to_decoder(ir) if form == "decoder" else ir.fork()
     PassManager(f"lower-kernels{{target={FLAVORS[flavor]}}}").run(ir)
-    table = _translations(flavor, accuracy_level,
-                          None if head_accuracy_level is None else (ir.info.vocab_size, head_accuracy_level))
+    table = _translations(flavor, accuracy_level)
     left = sorted({str(n.target) for n in ir.graph.nodes if n.op == "call_function"
                    and getattr(n.target, "namespace", None) == "lowbit" and n.target not in table})
     if left:
@@ -274,12 +277,11 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         _half_embedding(ir)
     A = torch.export.Dim.AUTO
     if form == "decoder":
-        d = ir
-        module, (b, s, p) = d.gm, (2, 5, 3)
+        module, (b, s, p) = ir.gm, (2, 5, 3)
         example = (torch.randint(0, ir.info.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
-                   torch.arange(p, p + s).expand(b, s), *[torch.zeros(b, h, p, x, dtype=t) for _, t, h, x in d.past_specs])
-        shapes = ({0: A, 1: A}, {0: A, 1: A}, {0: A, 1: A}, *[{0: A, 2: A}] * len(d.past_specs))
-        inputs, outputs = io_names(d.past_specs)
+                   torch.arange(p, p + s).expand(b, s), *[torch.zeros(b, h, p, x, dtype=t) for _, t, h, x in ir.past_specs])
+        shapes = ({0: A, 1: A}, {0: A, 1: A}, {0: A, 1: A}, *[{0: A, 2: A}] * len(ir.past_specs))
+        inputs, outputs = io_names(ir.past_specs)
     else:
         module, example, shapes = ir.gm, (torch.randint(0, ir.info.vocab_size, (2, 16)),), ({0: A, 1: A},)
         inputs, outputs = ["input_ids"], ["logits"]
