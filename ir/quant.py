@@ -272,27 +272,33 @@ sparse_add.register_autograd(lambda ctx, grad: (grad, None, None, None))
 
 # -- dynamic activation / KV-cache quantization (simulated) -----------------------------------
 
-@torch.library.custom_op("lowbit::quantize_tokens", mutates_args=())
-def quantize_tokens(x: torch.Tensor, bits: int, group: int, sym: bool, clip: float) -> torch.Tensor:
-    """Dynamic quantize-dequantize of X along its last dim, per token and group of `group` values
-    (-1: the whole dim), with integer rounding: what an int kernel or a quantized KV cache sees.
-    Ranges come from the values themselves times `clip`: symmetric, codes in [-2^(b-1), 2^(b-1)-1]
-    with scale max|x| / (2^(b-1)-1); asymmetric, [min, max] (widened to hold 0) over 2^b - 1 steps."""
+def _token_codes(x, bits, group, sym, clip):
+    """Integer codes (as floats), scale and zero point per token and group along x's last dim, the
+    groups as a trailing axis: what quantize_tokens rounds to and what kv_quantize stores."""
     d = x.shape[-1]
     g = d if group == -1 else group
     xg = x.float().reshape(*x.shape[:-1], d // g, g)
     if sym:
         qmax = (1 << (bits - 1)) - 1
         scale = (xg.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=1e-10)
-        out = torch.clamp(torch.round(xg / scale), -qmax - 1, qmax) * scale
-    else:
-        qmax = (1 << bits) - 1
-        lo = xg.amin(-1, keepdim=True).clamp(max=0) * clip
-        hi = xg.amax(-1, keepdim=True).clamp(min=0) * clip
-        scale = ((hi - lo) / qmax).clamp(min=1e-10)
-        zero = torch.round(-lo / scale)
-        out = (torch.clamp(torch.round(xg / scale) + zero, 0, qmax) - zero) * scale
-    return out.reshape(x.shape).to(x.dtype)
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+        return torch.clamp(torch.round(xg / scale), -qmax - 1, qmax) + zero, scale, zero
+    qmax = (1 << bits) - 1
+    lo = xg.amin(-1, keepdim=True).clamp(max=0) * clip
+    hi = xg.amax(-1, keepdim=True).clamp(min=0) * clip
+    scale = ((hi - lo) / qmax).clamp(min=1e-10)
+    zero = torch.round(-lo / scale)
+    return torch.clamp(torch.round(xg / scale) + zero, 0, qmax), scale, zero
+
+
+@torch.library.custom_op("lowbit::quantize_tokens", mutates_args=())
+def quantize_tokens(x: torch.Tensor, bits: int, group: int, sym: bool, clip: float) -> torch.Tensor:
+    """Dynamic quantize-dequantize of X along its last dim, per token and group of `group` values
+    (-1: the whole dim), with integer rounding: what an int kernel or a quantized KV cache sees.
+    Ranges come from the values themselves times `clip`: symmetric, codes in [-2^(b-1), 2^(b-1)-1]
+    with scale max|x| / (2^(b-1)-1); asymmetric, [min, max] (widened to hold 0) over 2^b - 1 steps."""
+    codes, scale, zero = _token_codes(x, bits, group, sym, clip)
+    return ((codes - zero) * scale).reshape(x.shape).to(x.dtype)
 
 
 @quantize_tokens.register_fake
@@ -308,27 +314,9 @@ quantize_tokens.register_autograd(lambda ctx, grad: (grad, None, None, None, Non
 # [B, H, S, D] (for bits <= 4, two per byte: [B, H, S, D/2], code 2j in the low nibble), scale
 # float32 [B, H, S, G], zero point uint8 [B, H, S, G] (2^(bits-1) for symmetric). Dequantizing
 # gives exactly lowbit.quantize_tokens' output, so a cached decoder matches the reference graph.
-def _kv_groups(x, group):
-    d = x.shape[-1]
-    g = d if group == -1 else group
-    return x.float().reshape(*x.shape[:-1], d // g, g)
-
-
 @torch.library.custom_op("lowbit::kv_quantize", mutates_args=())
 def kv_quantize(x: torch.Tensor, bits: int, group: int, sym: bool, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    xg = _kv_groups(x, group)
-    if sym:
-        qmax = (1 << (bits - 1)) - 1
-        scale = (xg.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=1e-10)
-        zero = torch.full_like(scale, float(1 << (bits - 1)))
-        codes = torch.clamp(torch.round(xg / scale), -qmax - 1, qmax) + zero
-    else:
-        qmax = (1 << bits) - 1
-        lo = xg.amin(-1, keepdim=True).clamp(max=0) * clip
-        hi = xg.amax(-1, keepdim=True).clamp(min=0) * clip
-        scale = ((hi - lo) / qmax).clamp(min=1e-10)
-        zero = torch.round(-lo / scale)
-        codes = torch.clamp(torch.round(xg / scale) + zero, 0, qmax)
+    codes, scale, zero = _token_codes(x, bits, group, sym, clip)
     codes = codes.reshape(x.shape)
     if bits <= 4:
         codes = codes[..., 0::2] + 16 * codes[..., 1::2]
