@@ -109,11 +109,11 @@ class LowerKernels(Pass):
         use = _weight_of(n)
         if trt and use:                       # y = x W^T + x S^T, S applied by the plugin
             lin, _ = use
-            shape = self.ir.constant(w).shape
+            rows = len(crow_t) - 1   # CSR row pointers: one per output row, plus one
             n.replace_all_uses_with(w)
             self.ir.graph.erase_node(n)
             with self.ir.graph.inserting_before(lin.next):
-                sp = self.ir.graph.call_function(_op(kernels.sparse_matmul), (lin.args[0], crow, col, val, shape[0]))
+                sp = self.ir.graph.call_function(_op(kernels.sparse_matmul), (lin.args[0], crow, col, val, rows))
                 add = self.ir.graph.call_function(aten.add.Tensor, (lin, sp))
             lin.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
             self.ir.stamp(sp)
