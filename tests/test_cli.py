@@ -66,6 +66,10 @@ def test_passes_lists_passes_and_recipes(capsys):
     (["compile", str(STORIES), "--out", "{out}", "--passes", "fold-norms,quantize{bits=4}"], "unknown pass 'quantize'"),
     (["compile", "{corrupt}", "--out", "{out}"], "corrupt llama2.c checkpoint"),
     (["inspect", "{out}"], "not a lowbit artifact"),
+    (["export", "{out}", "--out", "{out}/m.onnx"], "not a lowbit artifact"),
+    (["run", "{out}", "--prompt", "hi", "--backend", "ort"], "runs a lowbit artifact"),
+    (["run", str(STORIES), "--prompt", ""], "the prompt is empty"),
+    (["bench", "decode", "--accuracy-levels", "4,x", "--out", "{out}"], "levels 0-4"),
 ])
 def test_bad_input_one_line_exit_2_no_artifact(argv, match, capsys, tmp_path):
     need_data("stories260K", "stories260K.bin")

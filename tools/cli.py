@@ -269,7 +269,10 @@ def cmd_plugins_build(args):
 
 def cmd_bench_decode(args):
     from lowbit.tools.bench import bench_decode, decode_markdown
-    rep = bench_decode(args.artifacts, args.model, Path(args.out), [int(x) for x in args.accuracy_levels.split(",")],
+    levels = args.accuracy_levels.split(",")
+    if not all(x in ("0", "1", "2", "3", "4") for x in levels):
+        raise LowbitError(f"--accuracy-levels takes MatMulNBits levels 0-4, comma-separated, not '{args.accuracy_levels}'")
+    rep = bench_decode(args.artifacts, args.model, Path(args.out), [int(x) for x in levels],
                        args.prompt_tokens, args.new_tokens, args.repeats, args.threads, args.gguf, log=_log)
     print(json.dumps(rep, indent=2) if args.json else decode_markdown(rep))
     _log(f"tables written to {args.out}/decode.md and decode.json")
