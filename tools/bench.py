@@ -204,11 +204,43 @@ PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200":
             "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
 
 
-def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)),
-                  batches=(1, 4, 16), repeats: int = 50, log=print) -> dict:
-    """Each plugin kernel against cuBLAS fp16 (torch.matmul) on the same shapes, timed side by side
-    with CUDA events (median of `repeats`): time, speed-up, achieved bandwidth vs the device's peak."""
+def _graph_time(calls, repeats: int) -> float:
+    """Microseconds per call: the calls (each on its own input set) captured once in a CUDA graph,
+    enough times over to fill ~200 launches, replayed `repeats` times between CUDA events; median."""
     import statistics
+
+    import torch
+    for c in calls:        # warm-up outside the graph: library load, caches, attributes
+        c()
+    torch.cuda.synchronize()
+    inner = max(1, 200 // len(calls))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            for c in calls:
+                c()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / (inner * len(calls)))
+    del g
+    return statistics.median(ts)
+
+
+def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)),
+                  batches=(1, 4, 16), repeats: int = 20, density: float = 0.0045, log=print) -> dict:
+    """Each plugin kernel against cuBLAS fp16 (torch.matmul) on the same shapes, timed side by side.
+    Every kernel runs from a CUDA graph over several copies of its weights (together over 4x the L2
+    cache, so the numbers are HBM's, not the cache's); bandwidth is the bytes each kernel must read
+    (weights, scales, tables, activations) over its time, as a fraction of the device's datasheet
+    peak and of a measured device-to-device copy."""
+    import math
 
     import torch
 
@@ -218,51 +250,62 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
     if not torch.cuda.is_available():
         raise LowbitError("bench kernels needs a CUDA GPU")
     torch_ops.register()
+    dev = "cuda"
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
-    dev = "cuda"
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    src = torch.empty(2**29, dtype=torch.uint8, device=dev)   # 512 MiB copy: read + write counted
+    copy_gbs = 2 * src.numel() / _graph_time([lambda: src.clone()], repeats) / 1e3
+    log(f"{name}: L2 {l2 / 2**20:.0f} MiB, datasheet {peak} GB/s, device-to-device copy {copy_gbs:.0f} GB/s")
 
-    def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3)
-        return statistics.median(ts)   # microseconds
+    def copies(nbytes: int) -> int:
+        return max(2, math.ceil(4 * l2 / nbytes))
+
+    def gbs(nbytes, us):
+        return nbytes / us / 1e3
 
     rows = []
     g = torch.Generator().manual_seed(0)
     for k, n in shapes:
-        w16 = (torch.randn(n, k, generator=g) * 0.02).half().to(dev)
-        b, s, z, bs = kernels.to_matmul_nbits(pack(torch.randint(0, 16, (n, k), generator=g), 4),
-                                              torch.rand(n, k // 128, generator=g).half() * 0.01, None, 4, 128, k)
-        b, s = b.to(dev), s.half().to(dev)
-        q3 = pack(torch.randint(0, 8, (n, k), generator=g), 3).to(dev)
-        lut = torch.randn(n, 8, generator=g).half().to(dev)
-        crow, col, val = (t.to(dev) for t in to_csr(torch.rand(n, k, generator=g) < 0.0045, torch.randn(n, k, generator=g)))
+        w16 = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies(2 * n * k))]
+        c4 = copies(n * k // 2)
+        w4 = []
+        for _ in range(c4):
+            b, s, _, bs = kernels.to_matmul_nbits(pack(torch.randint(0, 16, (n, k), generator=g), 4),
+                                                  torch.rand(n, k // 128, generator=g).half() * 0.01, None, 4, 128, k)
+            w4.append((b.to(dev), s.half().to(dev)))
+        c3 = copies(n * k * 3 // 8)
+        w3 = [(pack(torch.randint(0, 8, (n, k), generator=g), 3).to(dev), torch.randn(n, 8, generator=g).half().to(dev))
+              for _ in range(c3)]
+        csr = [tuple(t.to(dev) for t in to_csr(torch.rand(n, k, generator=g) < density, torch.randn(n, k, generator=g)))
+               for _ in range(c4)]
+        bytes4 = n * k // 2 + 2 * n * (k // 128)
+        bytes3 = n * ((k * 3 + 7) // 8) + 2 * n * 8
         for m in batches:
-            x = torch.randn(m, k, generator=g).half().to(dev)
-            t16 = timed(lambda: torch.matmul(x, w16.T))
-            t4 = timed(lambda: torch_ops.matmul_nbits(x, b, s, None, None, k, n, 4, bs))
-            row = {"K": k, "N": n, "batch": m, "cublas_fp16_us": round(t16, 1), "int4_us": round(t4, 1),
-                   "int4_speedup": round(t16 / t4, 2),
-                   "int4_bw_frac": round((b.numel() + 2 * s.numel()) / t4 / 1e3 / peak, 3) if peak else None}
+            xs = [torch.randn(m, k, generator=g).half().to(dev) for _ in range(max(len(w16), c4, c3))]
+            t16 = _graph_time([lambda i=i: torch.matmul(xs[i], w16[i].T) for i in range(len(w16))], repeats)
+            t4 = _graph_time([lambda i=i: torch_ops.matmul_nbits(xs[i], *w4[i], None, None, k, n, 4, 128)
+                              for i in range(c4)], repeats)
+            row = {"K": k, "N": n, "batch": m, "cublas_fp16_us": round(t16, 2), "int4_us": round(t4, 2),
+                   "int4_speedup": round(t16 / t4, 2), "int4_gbs": round(gbs(bytes4 + 2 * m * k, t4)),
+                   "fp16_gbs": round(gbs(2 * n * k + 2 * m * k, t16))}
+            if peak:
+                row["int4_bw_frac"] = round(row["int4_gbs"] / peak, 3)
+            row["int4_bw_vs_copy"] = round(row["int4_gbs"] / copy_gbs, 3)
             if m <= 8:
-                t3 = timed(lambda: torch_ops.lut_matmul(x, q3, lut, 3, k))
-                tsp = timed(lambda: torch_ops.sparse_matmul(x, crow, col, val, n))
-                row.update({"lut3_us": round(t3, 1), "lut3_speedup": round(t16 / t3, 2),
-                            "sparse_us": round(tsp, 1), "sparse_vs_int4": round(tsp / t4, 3)})
+                t3 = _graph_time([lambda i=i: torch_ops.lut_matmul(xs[i], *w3[i], 3, k) for i in range(c3)], repeats)
+                tsp = _graph_time([lambda i=i: torch_ops.sparse_matmul(xs[i], *csr[i], n) for i in range(c4)], repeats)
+                row.update({"lut3_us": round(t3, 2), "lut3_speedup": round(t16 / t3, 2),
+                            "lut3_gbs": round(gbs(bytes3 + 2 * m * k, t3)),
+                            "sparse_us": round(tsp, 2), "sparse_vs_int4": round(tsp / t4, 3)})
             rows.append(row)
             log(str(row))
     had = []
     for n in (4096, 11008, 14336):   # 2^12, 172 * 2^6, 28 * 2^9
-        x = torch.randn(4096, n, generator=g).half().to(dev)
-        th = timed(lambda: torch_ops.hadamard(x))
-        tc = timed(lambda: x.clone())
+        xs = [torch.randn(4096, n, generator=g).half().to(dev) for _ in range(copies(4 * 4096 * n))]
+        th = _graph_time([lambda x=x: torch_ops.hadamard(x) for x in xs], repeats)
+        tc = _graph_time([lambda x=x: x.clone() for x in xs], repeats)
         had.append({"n": n, "rows": 4096, "hadamard_us": round(th, 1), "copy_us": round(tc, 1), "ratio": round(th / tc, 2)})
-    return {"device": name, "peak_gbs": peak, "rows": rows, "hadamard": had}
+        log(str(had[-1]))
+    return {"device": name, "peak_gbs": peak, "copy_gbs": round(copy_gbs), "l2_mib": round(l2 / 2**20),
+            "rows": rows, "hadamard": had}

@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(fn=cmd_plugins_build)
 
     bk = bsub.add_parser("kernels", help="CUDA kernels against cuBLAS fp16 (needs a GPU)")
-    bk.add_argument("--repeats", type=int, default=50)
+    bk.add_argument("--repeats", type=int, default=20)
     bk.add_argument("--out", default="lowbit-out/bench-kernels")
     bk.set_defaults(fn=cmd_bench_kernels)
 
