@@ -106,7 +106,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         h *= 2
     y = y.reshape(-1, k, p)
     if k > 1:      # (x @ (A kron B))[a, b] = sum_a' A[a', a] (x B)[a', b]
-        y = torch.einsum("ca,rcb->rab", _base_matrices()[k].to(y.dtype), y)
+        y = torch.einsum("ca,rcb->rab", _base_matrices()[k].to(y.device, y.dtype), y)
     return (y / math.sqrt(n)).reshape(*lead, n)
 
 

@@ -63,7 +63,7 @@ def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_po
         z = torch.full_like(s, float(1 << (bits - 1)))
     else:
         z = unpack(zero_points.reshape(N, -1), bits, n_blocks).float()
-    blk = torch.arange(n_blocks * block_size) // block_size
+    blk = torch.arange(n_blocks * block_size, device=b.device) // block_size
     w = ((codes - z[:, blk]) * s[:, blk])[:, :K]
     return F.linear(x, w.to(x.dtype), bias)
 

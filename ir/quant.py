@@ -60,11 +60,11 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     p = packed.to(torch.int32)
     if 8 % bits == 0:
         per = 8 // bits
-        c = (p[..., None] >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+        c = (p[..., None] >> (torch.arange(per, dtype=torch.int32, device=packed.device) * bits)) & ((1 << bits) - 1)
         return c.reshape(n, -1)[:, :k]
-    stream = ((p[..., None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(n, -1)
+    stream = ((p[..., None] >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1).reshape(n, -1)
     stream = stream[:, : k * bits].reshape(n, k, bits)
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1)
 
 
 def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:

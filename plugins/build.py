@@ -15,7 +15,7 @@ from lowbit.ir.errors import LowbitError
 SOURCE = Path(__file__).with_name("kernels.cu")
 LIBRARY = "liblowbit_plugins.so"
 ARCHS = ("80", "90")
-ENTRY_POINTS = ("lowbit_w4_matmul", "lowbit_lut_matmul", "lowbit_csr_add", "lowbit_hadamard")
+ENTRY_POINTS = ("lowbit_w4_matmul", "lowbit_w4_dequant", "lowbit_lut_matmul", "lowbit_csr_add", "lowbit_hadamard")
 
 
 def nvcc() -> str | None:
@@ -40,7 +40,7 @@ def build(out: Path | None = None, archs=ARCHS) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     with tempfile.TemporaryDirectory(dir=out) as tmp:   # moved into place whole
-        cmd = [compiler, "-O3", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", *gencode,
+        cmd = [compiler, "-O3", "--threads", "0", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", *gencode,
                "-o", str(Path(tmp) / LIBRARY), str(SOURCE)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

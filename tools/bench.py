@@ -254,8 +254,8 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    src = torch.empty(2**29, dtype=torch.uint8, device=dev)   # 512 MiB copy: read + write counted
-    copy_gbs = 2 * src.numel() / _graph_time([lambda: src.clone()], repeats) / 1e3
+    src, dst = (torch.empty(2**29, dtype=torch.uint8, device=dev) for _ in range(2))   # 512 MiB, read + write
+    copy_gbs = 2 * src.numel() / _graph_time([lambda: dst.copy_(src)], repeats) / 1e3
     log(f"{name}: L2 {l2 / 2**20:.0f} MiB, datasheet {peak} GB/s, device-to-device copy {copy_gbs:.0f} GB/s")
 
     def copies(nbytes: int) -> int:

@@ -24,6 +24,7 @@ class TorchDecoder:
             from lowbit.plugins import torch_ops
             torch_ops.register()
             PassManager("lower-kernels{target=cuda}").run(d)
+            self.fused_sparse = torch_ops.fuse_sparse(d.graph)   # outliers added in the GEMV epilogue
             for n in d.graph.nodes:   # ops the capture pinned to the CPU (arange, ...)
                 if "device" in n.kwargs:
                     n.kwargs = {**n.kwargs, "device": self.device}
