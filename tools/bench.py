@@ -278,7 +278,7 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
         w3 = [(pack(torch.randint(0, 8, (n, k), generator=g), 3).to(dev), torch.randn(n, 8, generator=g).half().to(dev))
               for _ in range(c3)]
         csr = [tuple(t.to(dev) for t in to_csr(torch.rand(n, k, generator=g) < density, torch.randn(n, k, generator=g)))
-               for _ in range(c4)]
+               for _ in range(max(c4, c3))]
         bytes4 = n * k // 2 + 2 * n * (k // 128)
         bytes3 = n * ((k * 3 + 7) // 8) + 2 * n * 8
         for m in batches:
@@ -294,10 +294,17 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
             row["int4_bw_vs_copy"] = round(row["int4_gbs"] / copy_gbs, 3)
             if m <= 8:
                 t3 = _graph_time([lambda i=i: torch_ops.lut_matmul(xs[i], *w3[i], 3, k) for i in range(c3)], repeats)
+                t3s = _graph_time([lambda i=i: torch_ops.lut_matmul(xs[i], *w3[i], 3, k, csr[i]) for i in range(c3)],
+                                  repeats)
+                t4s = _graph_time([lambda i=i: torch_ops.matmul_nbits(xs[i], *w4[i], None, None, k, n, 4, 128, csr[i])
+                                   for i in range(c4)], repeats)
                 tsp = _graph_time([lambda i=i: torch_ops.sparse_matmul(xs[i], *csr[i], n) for i in range(c4)], repeats)
                 row.update({"lut3_us": round(t3, 2), "lut3_speedup": round(t16 / t3, 2),
                             "lut3_gbs": round(gbs(bytes3 + 2 * m * k, t3)),
-                            "sparse_us": round(tsp, 2), "sparse_vs_int4": round(tsp / t4, 3)})
+                            # outliers added in the GEMV epilogue: extra time over the dense kernel alone
+                            "int4+sparse_us": round(t4s, 2), "sparse_cost_int4": round(t4s / t4 - 1, 3),
+                            "lut3+sparse_us": round(t3s, 2), "sparse_cost_lut3": round(t3s / t3 - 1, 3),
+                            "sparse_alone_us": round(tsp, 2)})
             rows.append(row)
             log(str(row))
     had = []
