@@ -244,8 +244,6 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
 
     import torch
 
-    from lowbit.ir import kernels
-    from lowbit.ir.quant import pack, to_csr
     from lowbit.plugins import torch_ops
     if not torch.cuda.is_available():
         raise LowbitError("bench kernels needs a CUDA GPU")
@@ -265,24 +263,29 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
         return nbytes / us / 1e3
 
     rows = []
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(dev).manual_seed(0)
+
+    def rand_bytes(*shape):   # random packed codes: uniform bytes are uniform codes
+        return torch.randint(0, 256, shape, generator=g, device=dev, dtype=torch.uint8)
+
+    def outliers(n, k):
+        r, c = (torch.rand(n, k, generator=g, device=dev) < density).nonzero(as_tuple=True)
+        crow = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
+        return crow, c.int(), torch.randn(len(c), generator=g, device=dev, dtype=torch.float16)
+
     for k, n in shapes:
-        w16 = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies(2 * n * k))]
-        c4 = copies(n * k // 2)
-        w4 = []
-        for _ in range(c4):
-            b, s, _, bs = kernels.to_matmul_nbits(pack(torch.randint(0, 16, (n, k), generator=g), 4),
-                                                  torch.rand(n, k // 128, generator=g).half() * 0.01, None, 4, 128, k)
-            w4.append((b.to(dev), s.half().to(dev)))
-        c3 = copies(n * k * 3 // 8)
-        w3 = [(pack(torch.randint(0, 8, (n, k), generator=g), 3).to(dev), torch.randn(n, 8, generator=g).half().to(dev))
+        w16 = [torch.randn(n, k, generator=g, device=dev, dtype=torch.float16) * 0.02 for _ in range(copies(2 * n * k))]
+        c4, c3 = copies(n * k // 2), copies(n * k * 3 // 8)
+        w4 = [(rand_bytes(n, k // 128, 64), torch.rand(n * (k // 128), generator=g, device=dev, dtype=torch.float16) * 0.01)
+              for _ in range(c4)]
+        w3 = [(rand_bytes(n, k * 3 // 8), torch.randn(n, 8, generator=g, device=dev, dtype=torch.float16))
               for _ in range(c3)]
-        csr = [tuple(t.to(dev) for t in to_csr(torch.rand(n, k, generator=g) < density, torch.randn(n, k, generator=g)))
-               for _ in range(max(c4, c3))]
+        csr = [outliers(n, k) for _ in range(max(c4, c3))]
         bytes4 = n * k // 2 + 2 * n * (k // 128)
         bytes3 = n * ((k * 3 + 7) // 8) + 2 * n * 8
         for m in batches:
-            xs = [torch.randn(m, k, generator=g).half().to(dev) for _ in range(max(len(w16), c4, c3))]
+            xs = [torch.randn(m, k, generator=g, device=dev, dtype=torch.float16) for _ in range(max(len(w16), c4, c3))]
             t16 = _graph_time([lambda i=i: torch.matmul(xs[i], w16[i].T) for i in range(len(w16))], repeats)
             t4 = _graph_time([lambda i=i: torch_ops.matmul_nbits(xs[i], *w4[i], None, None, k, n, 4, 128)
                               for i in range(c4)], repeats)
@@ -309,10 +312,28 @@ def bench_kernels(shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 143
             log(str(row))
     had = []
     for n in (4096, 11008, 14336):   # 2^12, 172 * 2^6, 28 * 2^9
-        xs = [torch.randn(4096, n, generator=g).half().to(dev) for _ in range(copies(4 * 4096 * n))]
+        xs = [torch.randn(4096, n, generator=g, device=dev, dtype=torch.float16) for _ in range(copies(4 * 4096 * n))]
         th = _graph_time([lambda x=x: torch_ops.hadamard(x) for x in xs], repeats)
         tc = _graph_time([lambda x=x: x.clone() for x in xs], repeats)
         had.append({"n": n, "rows": 4096, "hadamard_us": round(th, 1), "copy_us": round(tc, 1), "ratio": round(th / tc, 2)})
         log(str(had[-1]))
     return {"device": name, "peak_gbs": peak, "copy_gbs": round(copy_gbs), "l2_mib": round(l2 / 2**20),
             "rows": rows, "hadamard": had}
+
+
+def kernels_table(rep: dict) -> str:
+    """Markdown tables of `bench_kernels`' results."""
+    lines = [f"{rep['device']}: datasheet {rep['peak_gbs']} GB/s, device-to-device copy {rep['copy_gbs']} GB/s "
+             f"(read + write), L2 {rep['l2_mib']} MiB", "",
+             "| K | N | batch | cuBLAS fp16 µs | int4 µs | × fp16 | int4 GB/s (% peak) | 3-bit LUT µs | × fp16 "
+             "| + outliers, int4 | + outliers, LUT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        frac = f" ({100 * r['int4_bw_frac']:.0f}%)" if "int4_bw_frac" in r else ""
+        lut = (f"{r['lut3_us']} | {r['lut3_speedup']} | {100 * r['sparse_cost_int4']:+.1f}% | "
+               f"{100 * r['sparse_cost_lut3']:+.1f}%") if "lut3_us" in r else "| | |"
+        lines.append(f"| {r['K']} | {r['N']} | {r['batch']} | {r['cublas_fp16_us']} | {r['int4_us']} | "
+                     f"{r['int4_speedup']} | {r['int4_gbs']}{frac} | {lut} |")
+    lines += ["", "| Hadamard n | rows | µs | copy µs | × copy |", "|---|---|---|---|---|"]
+    lines += [f"| {h['n']} | {h['rows']} | {h['hadamard_us']} | {h['copy_us']} | {h['ratio']} |" for h in rep["hadamard"]]
+    return "\n".join(lines)

@@ -252,12 +252,13 @@ def cmd_run(args):
 
 
 def cmd_bench_kernels(args):
-    from lowbit.tools.bench import bench_kernels
+    from lowbit.tools.bench import bench_kernels, kernels_table
     rep = bench_kernels(repeats=args.repeats, log=_log)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(rep, indent=2) + "\n")
-    print(json.dumps(rep, indent=2))
+    (out / "kernels.md").write_text(kernels_table(rep) + "\n")
+    print(kernels_table(rep))
 
 
 def cmd_plugins_build(args):
