@@ -89,22 +89,20 @@ struct Outliers {
   }
 };
 
-// ---- W4A16 GEMV, batch 1..8: a block of 128 threads owns R output rows; each lane takes one
-// 32-bit word (8 codes) of every row per step, so a warp's weight loads and its activation loads
-// (x[8 * word ..]) are both contiguous. Four steps are loaded before any is used. Nibbles become
-// halves by the exponent trick (0x6400 | q = 1024 + q): dequantization is two half2 ops per two
-// weights, and products are summed in half2 over 32 codes, then in float.
-constexpr int W4_STEPS = 4;
-template <int M, int R>
-__global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, const uint8_t* __restrict__ B,
-                                                   const half* __restrict__ scales, const uint8_t* __restrict__ zp,
-                                                   const int* __restrict__ crow, const int* __restrict__ col,
-                                                   const half* __restrict__ val, half* __restrict__ y, int N, int K,
-                                                   int block, bool xvec) {
+// ---- W4A16 GEMV, batch 1..8: a block of T threads owns R output rows and splits K in 32-code
+// chunks, one 16-byte load per row per chunk; each thread loads D chunks of every row before it
+// uses any (bytes in flight hide DRAM latency). Nibbles become halves by the exponent trick
+// (0x6400 | q = 1024 + q): dequantization is two half2 ops per two weights; products are summed in
+// half2 over a chunk (32 codes), then in float. `lowbit_w4_matmul`'s variant picks (R, D, T).
+template <int M, int R, int D, int T>
+__global__ void __launch_bounds__(T) w4_gemv(const half* __restrict__ x, const uint8_t* __restrict__ B,
+                                             const half* __restrict__ scales, const uint8_t* __restrict__ zp,
+                                             const int* __restrict__ crow, const int* __restrict__ col,
+                                             const half* __restrict__ val, half* __restrict__ y, int N, int K, int block,
+                                             bool xvec) {
   const int row0 = blockIdx.x * R, t = threadIdx.x;
-  const int n_blocks = (K + block - 1) / block, row_words = n_blocks * block / 8, words = (K + 7) / 8;
-  const int zrow = (n_blocks + 1) / 2, wshift = __ffs(block) - 4;   // word -> block: w >> log2(block / 8)
-  const uint32_t* B32 = reinterpret_cast<const uint32_t*>(B);
+  const int n_blocks = (K + block - 1) / block, row_chunks = n_blocks * block / 32, chunks = (K + 31) / 32;
+  const int zrow = (n_blocks + 1) / 2, gshift = __ffs(block) - 6;   // chunk -> block: c >> log2(block / 32)
   Outliers<R> out;
   out.fetch(crow, col, val, row0, N, t);
   float acc[M][R];
@@ -112,56 +110,61 @@ __global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, c
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-  for (int w0 = t; w0 < words; w0 += THREADS * W4_STEPS) {
-    uint32_t q[W4_STEPS][R];
+  for (int c0 = t; c0 < chunks; c0 += T * D) {
+    uint4 w[D][R];
+    half2 s2[D][R], z2[D][R];
 #pragma unroll
-    for (int u = 0; u < W4_STEPS; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int w = min(w0 + u * THREADS, words - 1);   // past the end: a repeat, its x is zero
-        q[u][r] = __ldcs(B32 + (size_t)min(row0 + r, N - 1) * row_words + w);
-      }
-    half2 sum[M][R];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
-#pragma unroll
-    for (int u = 0; u < W4_STEPS; ++u) {
-      const int w = w0 + u * THREADS, b = min(w, words - 1) >> wshift;
-      half2 xp[M][4];   // (x_j, x_j+4): the pairs the nibble masks produce; zero past K
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const uint4 v = load_x8(x + (size_t)m * K, 8 * w, K, xvec);
-        xp[m][0] = as_h2(__byte_perm(v.x, v.z, 0x5410));
-        xp[m][1] = as_h2(__byte_perm(v.x, v.z, 0x7632));
-        xp[m][2] = as_h2(__byte_perm(v.y, v.w, 0x5410));
-        xp[m][3] = as_h2(__byte_perm(v.y, v.w, 0x7632));
-      }
+    for (int u = 0; u < D; ++u) {
+      const int c = min(c0 + u * T, chunks - 1), b = c >> gshift;   // past the end: a repeat, its x is zero
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int n = min(row0 + r, N - 1);
-        const half2 s2 = __half2half2(scales[(size_t)n * n_blocks + b]);
+        const int n = min(row0 + r, N - 1);   // rows past N repeat the last one and are never stored
+        w[u][r] = ld_stream(B + ((size_t)n * row_chunks + c) * 16);
+        s2[u][r] = __half2half2(scales[(size_t)n * n_blocks + b]);
         const int zero = zp ? (zp[(size_t)n * zrow + (b >> 1)] >> ((b & 1) * 4)) & 15 : 8;
-        const half2 z2 = as_h2((0x6400u | zero) * 0x10001u);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const half2 d = __hmul2(__hsub2(as_h2(((q[u][r] >> (4 * j)) & 0x000F000Fu) | 0x64006400u), z2), s2);
-#pragma unroll
-          for (int m = 0; m < M; ++m) sum[m][r] = __hfma2(d, xp[m][j], sum[m][r]);
-        }
+        z2[u][r] = as_h2((0x6400u | zero) * 0x10001u);
       }
     }
 #pragma unroll
-    for (int m = 0; m < M; ++m)
+    for (int u = 0; u < D; ++u) {
+      half2 sum[M][R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float2 f = __half22float2(sum[m][r]);
-        acc[m][r] += f.x + f.y;
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {   // word i: codes 8i .. 8i+7 of the chunk
+        half2 xp[M][4];               // (x_j, x_j+4): the pairs the nibble masks produce
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const uint4 v = load_x8(x + (size_t)m * K, (c0 + u * T) * 32 + 8 * i, K, xvec);
+          xp[m][0] = as_h2(__byte_perm(v.x, v.z, 0x5410));
+          xp[m][1] = as_h2(__byte_perm(v.x, v.z, 0x7632));
+          xp[m][2] = as_h2(__byte_perm(v.y, v.w, 0x5410));
+          xp[m][3] = as_h2(__byte_perm(v.y, v.w, 0x7632));
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t q = word(w[u][r], i);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const half2 d = __hmul2(__hsub2(as_h2(((q >> (4 * j)) & 0x000F000Fu) | 0x64006400u), z2[u][r]), s2[u][r]);
+#pragma unroll
+            for (int m = 0; m < M; ++m) sum[m][r] = __hfma2(d, xp[m][j], sum[m][r]);
+          }
+        }
       }
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float2 f = __half22float2(sum[m][r]);
+          acc[m][r] += f.x + f.y;
+        }
+    }
   }
-  out.template add<M>(acc, x, col, val, K, THREADS);
-  __shared__ float part[THREADS / 32][M * R];
+  out.template add<M>(acc, x, col, val, K, T);
+  __shared__ float part[T / 32][M * R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -173,7 +176,7 @@ __global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, c
   if (t < M * R && row0 + t % R < N) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) s += part[w][t];
+    for (int w = 0; w < T / 32; ++w) s += part[w][t];
     y[(size_t)(t / R) * N + row0 + t % R] = __float2half(s);
   }
 }
@@ -208,97 +211,98 @@ __global__ void w4_dequant(const uint8_t* __restrict__ B, const half* __restrict
   }
 }
 
-// ---- lookup-table GEMV (SqueezeLLM), bits 3 or 4, batch 1..8: a block of 128 threads owns R rows;
-// each lane takes 8 codes (8 * BITS bits) of every row per step, so weight and activation loads
-// are contiguous across the warp. Each row's table is expanded in shared memory into a table of
-// pairs (T[a], T[b]) indexed by two adjacent codes: one 32-bit load yields two weights as half2.
-template <int BITS>
-__device__ __forceinline__ uint32_t load_codes8(const uint8_t* __restrict__ row, int g, int row_bytes, bool aligned) {
-  const int byte = g * BITS;   // 8 codes = BITS bytes, starting at byte g * BITS
-  if (aligned) {               // row_bytes % 4 == 0: two aligned words, funnel-shifted
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
-    const int i = byte >> 2, last = row_bytes / 4 - 1;
-    if (BITS == 4) return __ldcs(w + i);
-    return __funnelshift_r(__ldcs(w + i), __ldcs(w + min(i + 1, last)), 8 * (byte & 3));
-  }
-  uint32_t v = 0;
-#pragma unroll
-  for (int j = 0; j < BITS; ++j) v |= (byte + j < row_bytes ? (uint32_t)row[byte + j] : 0u) << (8 * j);
-  return v;
-}
-
+// ---- lookup-table GEMV (SqueezeLLM), bits 3 or 4, batch 1..8: a warp owns R rows (their tables in
+// shared memory, read as broadcasts) and its lanes split K in 128-code chunks (BITS 16-byte loads
+// per row when rows are 16-byte aligned, byte loads otherwise). Bit offsets are compile-time.
 template <int M, int BITS, int R>
 __global__ void __launch_bounds__(THREADS) lut_gemv(const half* __restrict__ x, const uint8_t* __restrict__ q,
                                                     const half* __restrict__ lut, const int* __restrict__ crow,
                                                     const int* __restrict__ col, const half* __restrict__ val,
-                                                    half* __restrict__ y, int N, int K, bool qaligned, bool xvec) {
-  constexpr int L = 1 << BITS, P = L * L, STEPS = 4;
-  __shared__ half2 pairs[R][P];
-  const int row0 = blockIdx.x * R, t = threadIdx.x;
-  for (int i = t; i < R * P; i += THREADS) {
-    const half* table = lut + (size_t)min(row0 + i / P, N - 1) * L;
-    pairs[i / P][i % P] = __halves2half2(table[i % L], table[(i % P) / L]);
-  }
+                                                    half* __restrict__ y, int N, int K, bool qvec, bool xvec) {
+  constexpr int L = 1 << BITS, WORDS = 4 * BITS;
+  __shared__ half tables[THREADS / 32][R][L];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * (THREADS / 32) + warp) * R;
+  for (int i = lane; i < R * L; i += 32) tables[warp][i / L][i % L] = lut[(size_t)min(row0 + i / L, N - 1) * L + i % L];
+  __syncwarp();
   Outliers<R> out;
-  out.fetch(crow, col, val, row0, N, t);
-  __syncthreads();
-  const int row_bytes = (K * BITS + 7) / 8, groups = (K + 7) / 8;
+  out.fetch(crow, col, val, row0, N, lane);
+  const int row_bytes = (K * BITS + 7) / 8, chunks = (K + 127) / 128;
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-  for (int g0 = t; g0 < groups; g0 += THREADS * STEPS) {
-    uint32_t c[STEPS][R];
+  for (int c = lane; c < chunks; c += 32) {
+    uint32_t w[R][WORDS];
 #pragma unroll
-    for (int u = 0; u < STEPS; ++u)
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = q + (size_t)min(row0 + r, N - 1) * row_bytes;
+      const int o = c * 16 * BITS;
+      if (qvec) {
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        c[u][r] = load_codes8<BITS>(q + (size_t)min(row0 + r, N - 1) * row_bytes, min(g0 + u * THREADS, groups - 1),
-                                    row_bytes, qaligned);
-    half2 sum[M][R];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
-#pragma unroll
-    for (int u = 0; u < STEPS; ++u) {
-      uint4 xv[M];   // zero past K (and for the repeated group past the end)
-#pragma unroll
-      for (int m = 0; m < M; ++m) xv[m] = load_x8(x + (size_t)m * K, 8 * (g0 + u * THREADS), K, xvec);
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const half2 w = pairs[r][(c[u][r] >> (2 * BITS * e)) & (P - 1)];
-#pragma unroll
-          for (int m = 0; m < M; ++m) sum[m][r] = __hfma2(w, as_h2(word(xv[m], e)), sum[m][r]);
+        for (int i = 0; i < BITS; ++i) {
+          const uint4 v = ld_stream(p + o + 16 * i);
+          w[r][4 * i] = v.x, w[r][4 * i + 1] = v.y, w[r][4 * i + 2] = v.z, w[r][4 * i + 3] = v.w;
         }
+      } else {
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) {
+          uint32_t v = 0;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) v |= (o + 4 * i + j < row_bytes ? (uint32_t)p[o + 4 * i + j] : 0u) << (8 * j);
+          w[r][i] = v;
+        }
+      }
     }
 #pragma unroll
-    for (int m = 0; m < M; ++m)
+    for (int g = 0; g < 4; ++g) {   // 32 codes per half2 partial sum
+      half2 sum[M][R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float2 f = __half22float2(sum[m][r]);
-        acc[m][r] += f.x + f.y;
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int s8 = 0; s8 < 4; ++s8) {
+        const int j0 = g * 32 + s8 * 8;   // first code of these 8, within the chunk
+        uint4 xv[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) xv[m] = load_x8(x + (size_t)m * K, c * 128 + j0, K, xvec);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            half t[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int bit = (j0 + 2 * e + h) * BITS, wi = bit >> 5, o = bit & 31;
+              uint32_t code = w[r][wi] >> o;
+              if (o + BITS > 32) code |= w[r][wi + 1] << (32 - o);
+              t[h] = tables[warp][r][code & (L - 1)];
+            }
+            const half2 tp = __halves2half2(t[0], t[1]);
+#pragma unroll
+            for (int m = 0; m < M; ++m) sum[m][r] = __hfma2(tp, as_h2(word(xv[m], e)), sum[m][r]);
+          }
+        }
       }
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float2 f = __half22float2(sum[m][r]);
+          acc[m][r] += f.x + f.y;
+        }
+    }
   }
-  out.template add<M>(acc, x, col, val, K, THREADS);
-  __shared__ float part[THREADS / 32][M * R];
+  out.template add<M>(acc, x, col, val, K, 32);
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float v = warp_sum(acc[m][r]);
-      if ((t & 31) == 0) part[t >> 5][m * R + r] = v;
+      if (lane == 0 && row0 + r < N) y[(size_t)m * N + row0 + r] = __float2half(v);
     }
-  __syncthreads();
-  if (t < M * R && row0 + t % R < N) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) s += part[w][t];
-    y[(size_t)(t / R) * N + row0 + t % R] = __float2half(s);
-  }
 }
 
 // ---- sparse outliers alone: y[m, r] += sum_j val[j] * x[m, col[j]] over row r's CSR entries -----
@@ -318,19 +322,14 @@ __global__ void csr_add(const half* __restrict__ x, const int* __restrict__ crow
 // ---- fast Walsh-Hadamard transform: one block per row, the row in shared memory as float ------
 constexpr int HT = 256;
 
-// Shared-memory index of element i: within each 64-element block, 8-element groups are permuted
-// by the block's number (sw = 3 when n % 64 == 0, else 0), so the stride-8 and stride-64 passes
-// hit 32 distinct banks.
-__device__ __forceinline__ int swz(int i, int sw) { return i ^ (((i >> 6) & sw) << 3); }
-
 template <int RADIX>   // butterflies over strides h, 2h, .., RADIX/2 h of every 2^m block
-__device__ __forceinline__ void had_pass(float* v, int n, int p, int h, int sw) {
+__device__ __forceinline__ void had_pass(float* v, int n, int p, int h) {
   const int per = p / RADIX;
   for (int g = threadIdx.x; g < n / RADIX; g += HT) {
     const int a = g / per, r = g % per, base = a * p + (r / h) * RADIX * h + r % h;
     float e[RADIX];
 #pragma unroll
-    for (int j = 0; j < RADIX; ++j) e[j] = v[swz(base + j * h, sw)];
+    for (int j = 0; j < RADIX; ++j) e[j] = v[base + j * h];
 #pragma unroll
     for (int s = 1; s < RADIX; s <<= 1)
 #pragma unroll
@@ -340,7 +339,7 @@ __device__ __forceinline__ void had_pass(float* v, int n, int p, int h, int sw) 
           e[j] = u + w, e[j + s] = u - w;
         }
 #pragma unroll
-    for (int j = 0; j < RADIX; ++j) v[swz(base + j * h, sw)] = e[j];
+    for (int j = 0; j < RADIX; ++j) v[base + j * h] = e[j];
   }
   __syncthreads();
 }
@@ -349,7 +348,7 @@ __global__ void __launch_bounds__(HT) fwht(const half* __restrict__ x, half* __r
                                            const half* __restrict__ hT) {
   extern __shared__ __align__(32) unsigned char smem[];
   float* v = reinterpret_cast<float*>(smem);
-  const int p = n / kbase, sw = n % 64 == 0 ? 3 : 0;
+  const int p = n / kbase;
   const half* xr = x + (size_t)blockIdx.x * n;
   half* yr = y + (size_t)blockIdx.x * n;
   int h = 1;
@@ -370,32 +369,30 @@ __global__ void __launch_bounds__(HT) fwht(const half* __restrict__ x, half* __r
             const float a = e[j], b = e[j + s];
             e[j] = a + b, e[j + s] = a - b;
           }
-      float4* d = reinterpret_cast<float4*>(v + swz(8 * i, sw));   // 8 contiguous, the swizzle keeps them so
-      d[0] = make_float4(e[0], e[1], e[2], e[3]);
-      d[1] = make_float4(e[4], e[5], e[6], e[7]);
+      reinterpret_cast<float4*>(v)[2 * i] = make_float4(e[0], e[1], e[2], e[3]);
+      reinterpret_cast<float4*>(v)[2 * i + 1] = make_float4(e[4], e[5], e[6], e[7]);
     }
     h = 8;
   } else {
-    for (int i = threadIdx.x; i < n; i += HT) v[swz(i, sw)] = __half2float(xr[i]);
+    for (int i = threadIdx.x; i < n; i += HT) v[i] = __half2float(xr[i]);
   }
   __syncthreads();
   while (h < p) {
-    if (8 * h <= p) had_pass<8>(v, n, p, h, sw), h *= 8;
-    else if (4 * h <= p) had_pass<4>(v, n, p, h, sw), h *= 4;
-    else had_pass<2>(v, n, p, h, sw), h *= 2;
+    if (8 * h <= p) had_pass<8>(v, n, p, h), h *= 8;
+    else if (4 * h <= p) had_pass<4>(v, n, p, h), h *= 4;
+    else had_pass<2>(v, n, p, h), h *= 2;
   }
   const float scale = rsqrtf((float)n);
   if (kbase == 1) {
     if (n % 8 == 0) {
       for (int i = threadIdx.x; i < n / 8; i += HT) {
-        const float4* src = reinterpret_cast<const float4*>(v + swz(8 * i, sw));
-        const float4 a = src[0], b = src[1];
+        const float4 a = reinterpret_cast<float4*>(v)[2 * i], b = reinterpret_cast<float4*>(v)[2 * i + 1];
         const half2 o[4] = {__floats2half2_rn(a.x * scale, a.y * scale), __floats2half2_rn(a.z * scale, a.w * scale),
                             __floats2half2_rn(b.x * scale, b.y * scale), __floats2half2_rn(b.z * scale, b.w * scale)};
         reinterpret_cast<uint4*>(yr)[i] = *reinterpret_cast<const uint4*>(o);
       }
     } else {
-      for (int i = threadIdx.x; i < n; i += HT) yr[i] = __float2half(v[swz(i, sw)] * scale);
+      for (int i = threadIdx.x; i < n; i += HT) yr[i] = __float2half(v[i] * scale);
     }
     return;
   }
@@ -407,7 +404,7 @@ __global__ void __launch_bounds__(HT) fwht(const half* __restrict__ x, half* __r
   float* scratch = reinterpret_cast<float*>(vh + (size_t)kpad * ld) + (threadIdx.x >> 5) * 256;
   for (int i = threadIdx.x; i < kpad * pp; i += HT) {
     const int c = i / pp, b = i % pp;
-    vh[c * ld + b] = __float2half(c < kbase && b < p ? v[swz(c * p + b, sw)] : 0.f);
+    vh[c * ld + b] = __float2half(c < kbase && b < p ? v[c * p + b] : 0.f);
   }
   __syncthreads();
   const int lane = threadIdx.x & 31, tb = pp / 16;
@@ -441,9 +438,11 @@ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 extern "C" {
 
 // y = x @ W^T (+ the CSR outliers when crow is non-null), M <= 32 (the GEMV, 8 rows of x at a time)
+// variant: 0 the default; 1-3 other (rows per block, chunks loaded ahead, threads) for tuning
 int lowbit_w4_matmul(const void* x, const void* B, const void* scales, const void* zp, const void* crow,
-                     const void* col, const void* val, void* y, int M, int N, int K, int block, void* stream) {
-  if (block < 16 || (block & (block - 1)) || M < 1 || M > 32 || ((uintptr_t)B & 3)) return -1;
+                     const void* col, const void* val, void* y, int M, int N, int K, int block, int variant,
+                     void* stream) {
+  if (block < 32 || (block & (block - 1)) || M < 1 || M > 32 || !aligned16(B) || variant < 0 || variant > 3) return -1;
   cudaStream_t s = (cudaStream_t)stream;
   const uint8_t *b = (const uint8_t*)B, *z = (const uint8_t*)zp;
   const half* sc = (const half*)scales;
@@ -453,13 +452,19 @@ int lowbit_w4_matmul(const void* x, const void* B, const void* scales, const voi
   for (int i = 0; i < M; i += 8) {
     const half* xh = (const half*)x + (size_t)i * K;
     half* yh = (half*)y + (size_t)i * N;
-#define W4_CASE(m, r)                                                                                              \
+#define W4_LAUNCH(m, r, d, t) \
+  w4_gemv<m, r, d, t><<<(N + r - 1) / r, t, 0, s>>>(xh, b, sc, z, cr, cc, cv, yh, N, K, block, xvec)
+#define W4_CASE(m, r, r2)                                                                                          \
   case m:                                                                                                          \
-    w4_gemv<m, r><<<(N + r - 1) / r, THREADS, 0, s>>>(xh, b, sc, z, cr, cc, cv, yh, N, K, block, xvec);            \
+    if (variant == 0) W4_LAUNCH(m, r, 1, 128);                                                                     \
+    else if (variant == 1) W4_LAUNCH(m, r2, 1, 128);                                                               \
+    else if (variant == 2) W4_LAUNCH(m, r, 2, 64);                                                                 \
+    else W4_LAUNCH(m, r2, 2, 64);                                                                                  \
     break;
-    switch (M - i < 8 ? M - i : 8) { W4_CASE(1, 4) W4_CASE(2, 4) W4_CASE(3, 4) W4_CASE(4, 4) W4_CASE(5, 2) W4_CASE(6, 2)
-                                     W4_CASE(7, 2) W4_CASE(8, 2) }
+    switch (M - i < 8 ? M - i : 8) { W4_CASE(1, 4, 8) W4_CASE(2, 4, 8) W4_CASE(3, 4, 2) W4_CASE(4, 4, 2)
+                                     W4_CASE(5, 2, 1) W4_CASE(6, 2, 1) W4_CASE(7, 2, 1) W4_CASE(8, 2, 1) }
 #undef W4_CASE
+#undef W4_LAUNCH
   }
   return (int)cudaGetLastError();
 }
@@ -481,16 +486,16 @@ int lowbit_lut_matmul(const void* x, const void* q, const void* lut, const void*
   const uint8_t* qq = (const uint8_t*)q;
   const int *cr = (const int*)crow, *cc = (const int*)col;
   half* yh = (half*)y;
-  const bool qal = ((K * bits + 7) / 8) % 4 == 0 && ((uintptr_t)q & 3) == 0, xvec = K % 8 == 0 && aligned16(x);
+  const bool qvec = K % 128 == 0 && aligned16(q), xvec = K % 8 == 0 && aligned16(x);
 #define LUT_CASE(m, r)                                                                                             \
   case m: {                                                                                                        \
-    const int grid = (N + r - 1) / r;                                                                              \
-    if (bits == 3) lut_gemv<m, 3, r><<<grid, THREADS, 0, s>>>(xh, qq, l, cr, cc, cv, yh, N, K, qal, xvec);         \
-    else lut_gemv<m, 4, r><<<grid, THREADS, 0, s>>>(xh, qq, l, cr, cc, cv, yh, N, K, qal, xvec);                   \
+    const int grid = (N + 4 * r - 1) / (4 * r);                                                                    \
+    if (bits == 3) lut_gemv<m, 3, r><<<grid, THREADS, 0, s>>>(xh, qq, l, cr, cc, cv, yh, N, K, qvec, xvec);        \
+    else lut_gemv<m, 4, r><<<grid, THREADS, 0, s>>>(xh, qq, l, cr, cc, cv, yh, N, K, qvec, xvec);                  \
     break;                                                                                                         \
   }
-  switch (M) { LUT_CASE(1, 4) LUT_CASE(2, 4) LUT_CASE(3, 4) LUT_CASE(4, 4) LUT_CASE(5, 2) LUT_CASE(6, 2) LUT_CASE(7, 2)
-               LUT_CASE(8, 2) }
+  switch (M) { LUT_CASE(1, 4) LUT_CASE(2, 4) LUT_CASE(3, 2) LUT_CASE(4, 2) LUT_CASE(5, 1) LUT_CASE(6, 1) LUT_CASE(7, 1)
+               LUT_CASE(8, 1) }
 #undef LUT_CASE
   return (int)cudaGetLastError();
 }
