@@ -25,8 +25,12 @@ class TorchDecoder:
             torch_ops.register()
             PassManager("lower-kernels{target=cuda}").run(d)
             self.fused_sparse = torch_ops.fuse_sparse(d.graph)   # outliers added in the GEMV epilogue
-            for n in d.graph.nodes:   # ops the capture pinned to the CPU (arange, ...)
-                if "device" in n.kwargs:
+        if self.device.type != "cpu":   # tensor factories (the decoder's mask arange, ...) default to the CPU
+            aten = torch.ops.aten
+            factories = (aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
+                         aten.ones.default, aten.zeros.default, aten.scalar_tensor.default, aten.empty.memory_format)
+            for n in d.graph.nodes:
+                if n.op == "call_function" and ("device" in n.kwargs or n.target in factories):
                     n.kwargs = {**n.kwargs, "device": self.device}
             d.changed()
         self.past_specs = d.past_specs
