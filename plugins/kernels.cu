@@ -94,8 +94,8 @@ struct Outliers {
 // uses any (bytes in flight hide DRAM latency). Nibbles become halves by the exponent trick
 // (0x6400 | q = 1024 + q): dequantization is two half2 ops per two weights; products are summed in
 // half2 over a chunk (32 codes), then in float. `lowbit_w4_matmul`'s variant picks (R, D, T).
-template <int M, int R, int D, int T>
-__global__ void __launch_bounds__(T) w4_gemv(const half* __restrict__ x, const uint8_t* __restrict__ B,
+template <int M, int R, int D, int T, int MINB>
+__global__ void __launch_bounds__(T, MINB) w4_gemv(const half* __restrict__ x, const uint8_t* __restrict__ B,
                                              const half* __restrict__ scales, const uint8_t* __restrict__ zp,
                                              const int* __restrict__ crow, const int* __restrict__ col,
                                              const half* __restrict__ val, half* __restrict__ y, int N, int K, int block,
@@ -438,7 +438,7 @@ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 extern "C" {
 
 // y = x @ W^T (+ the CSR outliers when crow is non-null), M <= 32 (the GEMV, 8 rows of x at a time)
-// variant: 0 the default; 1-3 other (rows per block, chunks loaded ahead, threads) for tuning
+// variant: 0 the default; 1-3 other (rows per block, chunks loaded ahead, threads, register cap) for tuning
 int lowbit_w4_matmul(const void* x, const void* B, const void* scales, const void* zp, const void* crow,
                      const void* col, const void* val, void* y, int M, int N, int K, int block, int variant,
                      void* stream) {
@@ -452,16 +452,16 @@ int lowbit_w4_matmul(const void* x, const void* B, const void* scales, const voi
   for (int i = 0; i < M; i += 8) {
     const half* xh = (const half*)x + (size_t)i * K;
     half* yh = (half*)y + (size_t)i * N;
-#define W4_LAUNCH(m, r, d, t) \
-  w4_gemv<m, r, d, t><<<(N + r - 1) / r, t, 0, s>>>(xh, b, sc, z, cr, cc, cv, yh, N, K, block, xvec)
+#define W4_LAUNCH(m, r, d, t, minb) \
+  w4_gemv<m, r, d, t, minb><<<(N + r - 1) / r, t, 0, s>>>(xh, b, sc, z, cr, cc, cv, yh, N, K, block, xvec)
 #define W4_CASE(m, r, r2)                                                                                          \
   case m:                                                                                                          \
-    if (variant == 0) W4_LAUNCH(m, r, 1, 128);                                                                     \
-    else if (variant == 1) W4_LAUNCH(m, r2, 1, 128);                                                               \
-    else if (variant == 2) W4_LAUNCH(m, r, 2, 64);                                                                 \
-    else W4_LAUNCH(m, r2, 2, 64);                                                                                  \
+    if (variant == 0) W4_LAUNCH(m, r, 1, 128, 1);                                                                  \
+    else if (variant == 1) W4_LAUNCH(m, r, 1, 128, 12);                                                            \
+    else if (variant == 2) W4_LAUNCH(m, r, 2, 64, 1);                                                              \
+    else W4_LAUNCH(m, r2, 1, 128, 16);                                                                             \
     break;
-    switch (M - i < 8 ? M - i : 8) { W4_CASE(1, 4, 8) W4_CASE(2, 4, 8) W4_CASE(3, 4, 2) W4_CASE(4, 4, 2)
+    switch (M - i < 8 ? M - i : 8) { W4_CASE(1, 4, 2) W4_CASE(2, 4, 2) W4_CASE(3, 4, 2) W4_CASE(4, 4, 2)
                                      W4_CASE(5, 2, 1) W4_CASE(6, 2, 1) W4_CASE(7, 2, 1) W4_CASE(8, 2, 1) }
 #undef W4_CASE
 #undef W4_LAUNCH
