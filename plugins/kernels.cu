@@ -53,9 +53,10 @@ __device__ __forceinline__ uint4 load_x8(const half* __restrict__ xr, int k, int
   return make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
 }
 
-// Outliers of rows row0 .. row0+R-1, split across `threads` threads from `t`: the first entry of
-// each row's share is fetched before the dense loop (its latency hides behind the weights'), the
-// rest (rows with more entries than threads) after it.
+// Outliers of rows row0 .. row0+R-1 for the LUT GEMV, split across `threads` threads from `t`: the
+// first entry of each row's share is fetched before the dense loop (its latency hides behind the
+// weights'), the rest (rows with more entries than threads) after it. (The int4 GEMV adds its
+// outliers after the loop with add_outliers: measured faster there, the prefetch costs registers.)
 template <int R>
 struct Outliers {
   int k[R], j[R], end[R];
@@ -89,82 +90,90 @@ struct Outliers {
   }
 };
 
-// ---- W4A16 GEMV, batch 1..8: a block of T threads owns R output rows and splits K in 32-code
-// chunks, one 16-byte load per row per chunk; each thread loads D chunks of every row before it
-// uses any (bytes in flight hide DRAM latency). Nibbles become halves by the exponent trick
-// (0x6400 | q = 1024 + q): dequantization is two half2 ops per two weights; products are summed in
-// half2 over a chunk (32 codes), then in float. `lowbit_w4_matmul`'s variant picks (R, D, T).
-template <int M, int R, int D, int T, int MINB>
-__global__ void __launch_bounds__(T, MINB) w4_gemv(const half* __restrict__ x, const uint8_t* __restrict__ B,
-                                             const half* __restrict__ scales, const uint8_t* __restrict__ zp,
-                                             const int* __restrict__ crow, const int* __restrict__ col,
-                                             const half* __restrict__ val, half* __restrict__ y, int N, int K, int block,
-                                             bool xvec) {
+// acc[m][r] += sum over row (row0 + r)'s CSR entries of val * x[m, col], the entries split across
+// `threads` threads starting at `t`
+template <int M, int R>
+__device__ __forceinline__ void add_outliers(float (&acc)[M][R], const half* __restrict__ x, const int* __restrict__ crow,
+                                             const int* __restrict__ col, const half* __restrict__ val, int row0, int N,
+                                             int K, int t, int threads) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (row0 + r >= N) continue;
+    for (int j = crow[row0 + r] + t; j < crow[row0 + r + 1]; j += threads) {
+      const float v = __half2float(val[j]);
+      const int k = col[j];
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m][r] += v * __half2float(x[(size_t)m * K + k]);
+    }
+  }
+}
+
+// ---- W4A16 GEMV, batch 1..8: a block of 128 threads owns R output rows and splits K in 32-code
+// chunks (one 16-byte load per row per chunk). Nibbles become halves by the exponent trick
+// (0x6400 | q = 1024 + q), so dequantization is two half2 ops per two weights.
+template <int M, int R>
+__global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, const uint8_t* __restrict__ B,
+                                                   const half* __restrict__ scales, const uint8_t* __restrict__ zp,
+                                                   const int* __restrict__ crow, const int* __restrict__ col,
+                                                   const half* __restrict__ val, half* __restrict__ y, int N, int K,
+                                                   int block, bool xvec) {
   const int row0 = blockIdx.x * R, t = threadIdx.x;
   const int n_blocks = (K + block - 1) / block, row_chunks = n_blocks * block / 32, chunks = (K + 31) / 32;
   const int zrow = (n_blocks + 1) / 2, gshift = __ffs(block) - 6;   // chunk -> block: c >> log2(block / 32)
-  Outliers<R> out;
-  out.fetch(crow, col, val, row0, N, t);
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-  for (int c0 = t; c0 < chunks; c0 += T * D) {
-    uint4 w[D][R];
-    half2 s2[D][R], z2[D][R];
+  for (int c = t; c < chunks; c += THREADS) {
+    uint4 w[R];
+    half2 s2[R], z2[R];
+    const int b = c >> gshift;
 #pragma unroll
-    for (int u = 0; u < D; ++u) {
-      const int c = min(c0 + u * T, chunks - 1), b = c >> gshift;   // past the end: a repeat, its x is zero
+    for (int r = 0; r < R; ++r) {
+      const int n = min(row0 + r, N - 1);   // rows past N repeat the last one and are never stored
+      w[r] = ld_stream(B + ((size_t)n * row_chunks + c) * 16);
+      s2[r] = __half2half2(scales[(size_t)n * n_blocks + b]);
+      const int zero = zp ? (zp[(size_t)n * zrow + (b >> 1)] >> ((b & 1) * 4)) & 15 : 8;
+      z2[r] = as_h2((0x6400u | zero) * 0x10001u);
+    }
+    half2 sum[M][R];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {   // word i: codes 8i .. 8i+7 of the chunk
+      half2 xp[M][4];               // (x_j, x_j+4): the pairs the nibble masks produce
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 v = load_x8(x + (size_t)m * K, c * 32 + 8 * i, K, xvec);
+        xp[m][0] = as_h2(__byte_perm(v.x, v.z, 0x5410));
+        xp[m][1] = as_h2(__byte_perm(v.x, v.z, 0x7632));
+        xp[m][2] = as_h2(__byte_perm(v.y, v.w, 0x5410));
+        xp[m][3] = as_h2(__byte_perm(v.y, v.w, 0x7632));
+      }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int n = min(row0 + r, N - 1);   // rows past N repeat the last one and are never stored
-        w[u][r] = ld_stream(B + ((size_t)n * row_chunks + c) * 16);
-        s2[u][r] = __half2half2(scales[(size_t)n * n_blocks + b]);
-        const int zero = zp ? (zp[(size_t)n * zrow + (b >> 1)] >> ((b & 1) * 4)) & 15 : 8;
-        z2[u][r] = as_h2((0x6400u | zero) * 0x10001u);
+        const uint32_t q = word(w[r], i);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const half2 d = __hmul2(__hsub2(as_h2(((q >> (4 * j)) & 0x000F000Fu) | 0x64006400u), z2[r]), s2[r]);
+#pragma unroll
+          for (int m = 0; m < M; ++m) sum[m][r] = __hfma2(d, xp[m][j], sum[m][r]);
+        }
       }
     }
 #pragma unroll
-    for (int u = 0; u < D; ++u) {
-      half2 sum[M][R];
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {   // word i: codes 8i .. 8i+7 of the chunk
-        half2 xp[M][4];               // (x_j, x_j+4): the pairs the nibble masks produce
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const uint4 v = load_x8(x + (size_t)m * K, (c0 + u * T) * 32 + 8 * i, K, xvec);
-          xp[m][0] = as_h2(__byte_perm(v.x, v.z, 0x5410));
-          xp[m][1] = as_h2(__byte_perm(v.x, v.z, 0x7632));
-          xp[m][2] = as_h2(__byte_perm(v.y, v.w, 0x5410));
-          xp[m][3] = as_h2(__byte_perm(v.y, v.w, 0x7632));
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint32_t q = word(w[u][r], i);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const half2 d = __hmul2(__hsub2(as_h2(((q >> (4 * j)) & 0x000F000Fu) | 0x64006400u), z2[u][r]), s2[u][r]);
-#pragma unroll
-            for (int m = 0; m < M; ++m) sum[m][r] = __hfma2(d, xp[m][j], sum[m][r]);
-          }
-        }
+      for (int r = 0; r < R; ++r) {
+        const float2 f = __half22float2(sum[m][r]);
+        acc[m][r] += f.x + f.y;
       }
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float2 f = __half22float2(sum[m][r]);
-          acc[m][r] += f.x + f.y;
-        }
-    }
   }
-  out.template add<M>(acc, x, col, val, K, T);
-  __shared__ float part[T / 32][M * R];
+  if (crow) add_outliers<M, R>(acc, x, crow, col, val, row0, N, K, t, THREADS);
+  __shared__ float part[THREADS / 32][M * R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -176,7 +185,7 @@ __global__ void __launch_bounds__(T, MINB) w4_gemv(const half* __restrict__ x, c
   if (t < M * R && row0 + t % R < N) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < T / 32; ++w) s += part[w][t];
+    for (int w = 0; w < THREADS / 32; ++w) s += part[w][t];
     y[(size_t)(t / R) * N + row0 + t % R] = __float2half(s);
   }
 }
@@ -438,11 +447,10 @@ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 extern "C" {
 
 // y = x @ W^T (+ the CSR outliers when crow is non-null), M <= 32 (the GEMV, 8 rows of x at a time)
-// variant: 0 the default; 1-3 other (rows per block, chunks loaded ahead, threads, register cap) for tuning
+// y = x @ W^T (+ the CSR outliers when crow is non-null), M <= 32 (the GEMV, 8 rows of x at a time)
 int lowbit_w4_matmul(const void* x, const void* B, const void* scales, const void* zp, const void* crow,
-                     const void* col, const void* val, void* y, int M, int N, int K, int block, int variant,
-                     void* stream) {
-  if (block < 32 || (block & (block - 1)) || M < 1 || M > 32 || !aligned16(B) || variant < 0 || variant > 3) return -1;
+                     const void* col, const void* val, void* y, int M, int N, int K, int block, void* stream) {
+  if (block < 32 || (block & (block - 1)) || M < 1 || M > 32 || !aligned16(B)) return -1;
   cudaStream_t s = (cudaStream_t)stream;
   const uint8_t *b = (const uint8_t*)B, *z = (const uint8_t*)zp;
   const half* sc = (const half*)scales;
@@ -452,19 +460,13 @@ int lowbit_w4_matmul(const void* x, const void* B, const void* scales, const voi
   for (int i = 0; i < M; i += 8) {
     const half* xh = (const half*)x + (size_t)i * K;
     half* yh = (half*)y + (size_t)i * N;
-#define W4_LAUNCH(m, r, d, t, minb) \
-  w4_gemv<m, r, d, t, minb><<<(N + r - 1) / r, t, 0, s>>>(xh, b, sc, z, cr, cc, cv, yh, N, K, block, xvec)
-#define W4_CASE(m, r, r2)                                                                                          \
+#define W4_CASE(m, r)                                                                                              \
   case m:                                                                                                          \
-    if (variant == 0) W4_LAUNCH(m, r, 1, 128, 1);                                                                  \
-    else if (variant == 1) W4_LAUNCH(m, r, 1, 128, 12);                                                            \
-    else if (variant == 2) W4_LAUNCH(m, r, 2, 64, 1);                                                              \
-    else W4_LAUNCH(m, r2, 1, 128, 16);                                                                             \
+    w4_gemv<m, r><<<(N + r - 1) / r, THREADS, 0, s>>>(xh, b, sc, z, cr, cc, cv, yh, N, K, block, xvec);            \
     break;
-    switch (M - i < 8 ? M - i : 8) { W4_CASE(1, 4, 2) W4_CASE(2, 4, 2) W4_CASE(3, 4, 2) W4_CASE(4, 4, 2)
-                                     W4_CASE(5, 2, 1) W4_CASE(6, 2, 1) W4_CASE(7, 2, 1) W4_CASE(8, 2, 1) }
+    switch (M - i < 8 ? M - i : 8) { W4_CASE(1, 4) W4_CASE(2, 4) W4_CASE(3, 4) W4_CASE(4, 4) W4_CASE(5, 2) W4_CASE(6, 2)
+                                     W4_CASE(7, 2) W4_CASE(8, 2) }
 #undef W4_CASE
-#undef W4_LAUNCH
   }
   return (int)cudaGetLastError();
 }
@@ -482,11 +484,14 @@ int lowbit_lut_matmul(const void* x, const void* q, const void* lut, const void*
                       void* y, int M, int N, int K, int bits, void* stream) {
   if (M < 1 || M > 8 || (bits != 3 && bits != 4)) return -1;
   cudaStream_t s = (cudaStream_t)stream;
-  const half *xh = (const half*)x, *l = (const half*)lut, *cv = (const half*)val;
+  const half *l = (const half*)lut, *cv = (const half*)val;
   const uint8_t* qq = (const uint8_t*)q;
   const int *cr = (const int*)crow, *cc = (const int*)col;
-  half* yh = (half*)y;
   const bool qvec = K % 128 == 0 && aligned16(q), xvec = K % 8 == 0 && aligned16(x);
+  for (int i = 0; i < M;) {   // batches of 8, 4, 2 and 1 rows of x (fewer kernels to compile)
+    const int m = M - i >= 8 ? 8 : M - i >= 4 ? 4 : M - i >= 2 ? 2 : 1;
+    const half* xh = (const half*)x + (size_t)i * K;
+    half* yh = (half*)y + (size_t)i * N;
 #define LUT_CASE(m, r)                                                                                             \
   case m: {                                                                                                        \
     const int grid = (N + 4 * r - 1) / (4 * r);                                                                    \
@@ -494,9 +499,10 @@ int lowbit_lut_matmul(const void* x, const void* q, const void* lut, const void*
     else lut_gemv<m, 4, r><<<grid, THREADS, 0, s>>>(xh, qq, l, cr, cc, cv, yh, N, K, qvec, xvec);                  \
     break;                                                                                                         \
   }
-  switch (M) { LUT_CASE(1, 4) LUT_CASE(2, 4) LUT_CASE(3, 2) LUT_CASE(4, 2) LUT_CASE(5, 1) LUT_CASE(6, 1) LUT_CASE(7, 1)
-               LUT_CASE(8, 1) }
+    switch (m) { LUT_CASE(1, 4) LUT_CASE(2, 4) LUT_CASE(4, 2) LUT_CASE(8, 1) }
 #undef LUT_CASE
+    i += m;
+  }
   return (int)cudaGetLastError();
 }
 

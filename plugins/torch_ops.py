@@ -56,9 +56,6 @@ def _csr(sparse):
     return crow.int().contiguous(), col.int().contiguous(), val.to(torch.float16).contiguous()
 
 
-W4_VARIANT = 0   # lowbit_w4_matmul's (rows per block, chunks ahead, threads) choice; see kernels.cu
-
-
 def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, sparse=None):
     """x @ W^T (+ bias); `sparse` = (crow, col, val) outliers, added by the GEMV's epilogue."""
     a = _rows(x, K)
@@ -67,7 +64,7 @@ def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, sparse
     if bits == 4 and a.shape[0] <= 32:
         y = torch.empty(a.shape[0], N, dtype=torch.float16, device=x.device)
         rc = library().lowbit_w4_matmul(_p(a), _p(b.contiguous()), _p(s), _p(zero_points), *map(_p, csr), _p(y),
-                                        a.shape[0], N, K, block_size, W4_VARIANT, _stream())
+                                        a.shape[0], N, K, block_size, _stream())
     elif bits == 4:           # prefill-sized batches: dequantize once, then cuBLAS on tensor cores
         w = torch.empty(N, K, dtype=torch.float16, device=x.device)
         rc = library().lowbit_w4_dequant(_p(b.contiguous()), _p(s), _p(zero_points), _p(w), N, K, block_size,
