@@ -3,7 +3,7 @@ graph runs on a GPU (`lowbit run --backend torch --device cuda`): the library fr
 called through ctypes on the tensors' device pointers and the current stream. Activations are
 computed in fp16 (the kernels' type) and returned in the caller's dtype.
 
-    matmul_nbits (4 bits)  -> lowbit_w4_matmul (GEMV, batch <= 32), or lowbit_w4_dequant and a
+    matmul_nbits (4 bits)  -> lowbit_w4_matmul (GEMV, batch <= 32, 4 rows per launch), or lowbit_w4_dequant and a
                               cuBLAS tensor-core GEMM above
     lut_matmul (3/4 bits)  -> lowbit_lut_matmul (GEMV, 8 rows of x per launch)
     sparse_matmul          -> lowbit_csr_add; added to a GEMV's output (`fuse_sparse`), the GEMV

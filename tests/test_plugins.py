@@ -51,7 +51,7 @@ def _cuda(*ts):
     return [None if t is None else t.cuda() for t in ts]
 
 
-# m: GEMV batch sizes (1..8 in one launch, 17 in three), 40 (dequantize + cuBLAS); block 16 falls back
+# m: GEMV batch sizes (up to 4 in one launch, 8 and 17 in several), 40 (dequantize + cuBLAS); block 16 falls back
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m", [1, 3, 8, 17, 40])
