@@ -44,8 +44,6 @@ class LearnRotations(Pass):
         batch: int = 2      # sequences per step
         seed: int = 0
         load: str = ""      # an artifact directory whose learned rotations to reuse instead of learning
-        weights: str = "rtn"   # weights during learning: "rtn" (fake-quantized, the proxy for any method)
-        #                        or "float" (SpinQuant's choice when GPTQ follows: only activations and KV quantized)
 
     def contract(self):
         return Exact(0.0)   # records matrices beside the graph; the function is untouched
@@ -60,8 +58,6 @@ class LearnRotations(Pass):
             raise PassFailure("no fuse-rotations{kind=learned} follows: the learned rotations would be unused")
         if c.load:
             return self._load(ir, s, Path(c.load))
-        if c.weights not in ("rtn", "float"):
-            raise PassFailure(f"weights={c.weights!r}: expected rtn or float")
         quant = [e for e in ctx.later if e.pass_cls.name == "quantize-weights"]
         if not quant:
             raise PassFailure("no quantize-weights follows: there is no quantization error to learn against")
@@ -91,7 +87,6 @@ class LearnRotations(Pass):
             return base[t]
 
         quantized = [lin for lin in s.linears.values() if qc.lm_head or lin is not s.lm_head]
-        fq = (lambda w: fake_quantize(w, spec)) if c.weights == "rtn" else (lambda w: w)   # RTN: the proxy for any method
         downs = {m.down.weight for m in s.mlps} if r4 else set()
         h4 = {n: (hadamard_matrix(n) / math.sqrt(n)).float() for n in {m.down.in_features for m in s.mlps}} if r4 else {}
         gm, online, simulated = self._simulation(ir, ctx)
@@ -103,10 +98,10 @@ class LearnRotations(Pass):
                 w = new.get(lin.weight, get(lin.weight))
                 if lin.weight in downs:   # R4 is fused into down before quantization
                     h = h4[w.shape[1]]
-                    wq = fq(w @ h)
+                    wq = fake_quantize(w @ h, spec)    # RTN: the proxy for any method
                     params[lin.weight] = wq if online else wq @ h.T
                 else:
-                    params[lin.weight] = fq(w)
+                    params[lin.weight] = fake_quantize(w, spec)
             logits = torch.func.functional_call(gm, params, (ids,))
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
