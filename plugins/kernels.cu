@@ -53,10 +53,30 @@ __device__ __forceinline__ uint4 load_x8(const half* __restrict__ xr, int k, int
   return make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
 }
 
-// Outliers of rows row0 .. row0+R-1 for the LUT GEMV, split across `threads` threads from `t`: the
-// first entry of each row's share is fetched before the dense loop (its latency hides behind the
-// weights'), the rest (rows with more entries than threads) after it. (The int4 GEMV adds its
-// outliers after the loop with add_outliers: measured faster there, the prefetch costs registers.)
+// the GEMVs' accumulators: float acc[M][R] over the whole row, half2 partial sums over 32 codes
+template <typename T, int M, int R>
+__device__ __forceinline__ void fill(T (&a)[M][R], T v) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) a[m][r] = v;
+}
+
+template <int M, int R>
+__device__ __forceinline__ void flush(float (&acc)[M][R], const half2 (&sum)[M][R]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float2 f = __half22float2(sum[m][r]);
+      acc[m][r] += f.x + f.y;
+    }
+}
+
+// Outliers of rows row0 .. row0+R-1, split across `threads` threads from `t`: `fetch` reads the
+// first entry of each row's share, `add` adds it and the rest (rows with more entries than
+// threads). The LUT GEMV fetches before its dense loop (the latency hides behind the weights'); the
+// int4 GEMV fetches after it (measured faster there: the prefetch costs registers).
 template <int R>
 struct Outliers {
   int k[R], j[R], end[R];
@@ -90,24 +110,6 @@ struct Outliers {
   }
 };
 
-// acc[m][r] += sum over row (row0 + r)'s CSR entries of val * x[m, col], the entries split across
-// `threads` threads starting at `t`
-template <int M, int R>
-__device__ __forceinline__ void add_outliers(float (&acc)[M][R], const half* __restrict__ x, const int* __restrict__ crow,
-                                             const int* __restrict__ col, const half* __restrict__ val, int row0, int N,
-                                             int K, int t, int threads) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (row0 + r >= N) continue;
-    for (int j = crow[row0 + r] + t; j < crow[row0 + r + 1]; j += threads) {
-      const float v = __half2float(val[j]);
-      const int k = col[j];
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[m][r] += v * __half2float(x[(size_t)m * K + k]);
-    }
-  }
-}
-
 // ---- W4A16 GEMV, batch 1..4: a block of 128 threads owns R output rows and splits K in 32-code
 // chunks (one 16-byte load per row per chunk). Nibbles become halves by the exponent trick
 // (0x6400 | q = 1024 + q), so dequantization is two half2 ops per two weights.
@@ -121,10 +123,7 @@ __global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, c
   const int n_blocks = (K + block - 1) / block, row_chunks = n_blocks * block / 32, chunks = (K + 31) / 32;
   const int zrow = (n_blocks + 1) / 2, gshift = __ffs(block) - 6;   // chunk -> block: c >> log2(block / 32)
   float acc[M][R];
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  fill(acc, 0.f);
   for (int c = t; c < chunks; c += THREADS) {
     uint4 w[R];
     half2 s2[R], z2[R];
@@ -138,10 +137,7 @@ __global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, c
       z2[r] = as_h2((0x6400u | zero) * 0x10001u);
     }
     half2 sum[M][R];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
+    fill(sum, __float2half2_rn(0.f));
 #pragma unroll
     for (int i = 0; i < 4; ++i) {   // word i: codes 8i .. 8i+7 of the chunk
       half2 xp[M][4];               // (x_j, x_j+4): the pairs the nibble masks produce
@@ -164,15 +160,11 @@ __global__ void __launch_bounds__(THREADS) w4_gemv(const half* __restrict__ x, c
         }
       }
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float2 f = __half22float2(sum[m][r]);
-        acc[m][r] += f.x + f.y;
-      }
+    flush(acc, sum);
   }
-  if (crow) add_outliers<M, R>(acc, x, crow, col, val, row0, N, K, t, THREADS);
+  Outliers<R> out;
+  out.fetch(crow, col, val, row0, N, t);
+  out.template add<M>(acc, x, col, val, K, THREADS);
   __shared__ float part[THREADS / 32][M * R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -238,10 +230,7 @@ __global__ void __launch_bounds__(THREADS) lut_gemv(const half* __restrict__ x, 
   out.fetch(crow, col, val, row0, N, lane);
   const int row_bytes = (K * BITS + 7) / 8, chunks = (K + 127) / 128;
   float acc[M][R];
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  fill(acc, 0.f);
   for (int c = lane; c < chunks; c += 32) {
     uint32_t w[R][WORDS];
 #pragma unroll
@@ -267,10 +256,7 @@ __global__ void __launch_bounds__(THREADS) lut_gemv(const half* __restrict__ x, 
 #pragma unroll
     for (int g = 0; g < 4; ++g) {   // 32 codes per half2 partial sum
       half2 sum[M][R];
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) sum[m][r] = __float2half2_rn(0.f);
+      fill(sum, __float2half2_rn(0.f));
 #pragma unroll
       for (int s8 = 0; s8 < 4; ++s8) {
         const int j0 = g * 32 + s8 * 8;   // first code of these 8, within the chunk
@@ -295,13 +281,7 @@ __global__ void __launch_bounds__(THREADS) lut_gemv(const half* __restrict__ x, 
           }
         }
       }
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float2 f = __half22float2(sum[m][r]);
-          acc[m][r] += f.x + f.y;
-        }
+      flush(acc, sum);
     }
   }
   out.template add<M>(acc, x, col, val, K, 32);

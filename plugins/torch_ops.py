@@ -60,24 +60,23 @@ def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, sparse
     """x @ W^T (+ bias); `sparse` = (crow, col, val) outliers, added by the GEMV's epilogue."""
     a = _rows(x, K)
     s = scales.to(torch.float16).contiguous()
-    rc, csr = -1, _csr(sparse)
+    rc, csr, fused = -1, _csr(sparse), False
     if bits == 4 and a.shape[0] <= 32:
         y = torch.empty(a.shape[0], N, dtype=torch.float16, device=x.device)
         rc = library().lowbit_w4_matmul(_p(a), _p(b.contiguous()), _p(s), _p(zero_points), *map(_p, csr), _p(y),
                                         a.shape[0], N, K, block_size, _stream())
+        fused = True
     elif bits == 4:           # prefill-sized batches: dequantize once, then cuBLAS on tensor cores
         w = torch.empty(N, K, dtype=torch.float16, device=x.device)
         rc = library().lowbit_w4_dequant(_p(b.contiguous()), _p(s), _p(zero_points), _p(w), N, K, block_size,
                                          _stream())
         if rc == 0:
             y = a @ w.T
-            if sparse is not None:
-                y = y + sparse_matmul(a, *csr, N)
     if rc == -1:
-        y = _REFERENCE["matmul_nbits"](a, b, scales, zero_points, None, K, N, bits, block_size).half()
-        if sparse is not None:
-            y = y + sparse_matmul(a, *csr, N)
+        y, fused = _REFERENCE["matmul_nbits"](a, b, scales, zero_points, None, K, N, bits, block_size).half(), False
     _check(max(rc, 0), "w4_matmul")
+    if sparse is not None and not fused:
+        y = y + sparse_matmul(a, *csr, N)
     y = y.to(x.dtype).reshape(*x.shape[:-1], N)
     return y + bias if bias is not None else y
 
