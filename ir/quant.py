@@ -272,7 +272,7 @@ sparse_add.register_autograd(lambda ctx, grad: (grad, None, None, None))
 
 # -- dynamic activation / KV-cache quantization (simulated) -----------------------------------
 
-def _token_codes(x, bits, group, sym, clip):
+def _token_codes(x, bits, group, sym, clip, rnd=torch.round):
     """Integer codes (as floats), scale and zero point per token and group along x's last dim, the
     groups as a trailing axis: what quantize_tokens rounds to and what kv_quantize stores."""
     d = x.shape[-1]
@@ -282,13 +282,13 @@ def _token_codes(x, bits, group, sym, clip):
         qmax = (1 << (bits - 1)) - 1
         scale = (xg.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=1e-10)
         zero = torch.full_like(scale, float(1 << (bits - 1)))
-        return torch.clamp(torch.round(xg / scale), -qmax - 1, qmax) + zero, scale, zero
+        return torch.clamp(rnd(xg / scale), -qmax - 1, qmax) + zero, scale, zero
     qmax = (1 << bits) - 1
     lo = xg.amin(-1, keepdim=True).clamp(max=0) * clip
     hi = xg.amax(-1, keepdim=True).clamp(min=0) * clip
     scale = ((hi - lo) / qmax).clamp(min=1e-10)
-    zero = torch.round(-lo / scale)
-    return torch.clamp(torch.round(xg / scale) + zero, 0, qmax), scale, zero
+    zero = rnd(-lo / scale)
+    return torch.clamp(rnd(xg / scale) + zero, 0, qmax), scale, zero
 
 
 @torch.library.custom_op("lowbit::quantize_tokens", mutates_args=())
@@ -307,6 +307,18 @@ def _(x, bits, group, sym, clip):
 
 
 quantize_tokens.register_autograd(lambda ctx, grad: (grad, None, None, None, None))   # straight through
+
+
+def _round_ste(v):
+    return v + (torch.round(v) - v).detach()
+
+
+def quantize_tokens_lsq(x: torch.Tensor, bits: int, group: int, sym: bool, clip: float) -> torch.Tensor:
+    """quantize_tokens' values, with LSQ's gradient: rounding passes gradients straight through,
+    but the ranges stay differentiable, so the gradient also says how each token's min and max
+    (the values that set its step) move the loss. Used where rotations are learned."""
+    codes, scale, zero = _token_codes(x, bits, group, sym, clip, rnd=_round_ste)
+    return ((codes - zero) * scale).reshape(x.shape).to(x.dtype)
 
 
 # -- quantized KV cache (the decoder's past/present) ---------------------------------------------

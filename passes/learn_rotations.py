@@ -10,40 +10,72 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lowbit.ir.hadamard import hadamard_matrix, random_hadamard, random_orthogonal, supported
-from lowbit.ir.quant import QuantSpec, fake_quantize
+from lowbit.ir.quant import QuantSpec, fake_quantize, quantize_tokens_lsq
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
+from .quantize_activations import linear_roles
 from .fuse_rotations import LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors
+
+
+def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4) -> list[torch.Tensor]:
+    """The values of `nodes` over the calibration sequences, as [tokens, width] rows (one forward pass)."""
+    want = {n: [] for n in nodes}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in want:
+                want[n].append(out.detach().float().reshape(-1, out.shape[-1]))
+            return out
+    with torch.no_grad():
+        for i in tqdm(range(0, len(seqs), batch), desc="learn-rotations: recording", disable=not progress, leave=False):
+            Recorder(gm).run(seqs[i: i + batch])
+    return [torch.cat(v) for v in want.values()]
+
+
+def _per_head(x, r2, quant):
+    """X [tokens, heads * head_dim] with each head rotated by R2, quantized by `quant`, rotated back."""
+    y = quant((x.unflatten(-1, (-1, len(r2))) @ r2).flatten(-2))
+    return (y.unflatten(-1, (-1, len(r2))) @ r2.T).flatten(-2)
 
 
 def _start(n: int, seed: int) -> torch.Tensor:
     return random_hadamard(n, seed) if supported(n) else random_orthogonal(n, seed)
 
 
-def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float, scale: float = 1.0) -> torch.Tensor:
     """One Cayley SGD step on the orthogonal group (as SpinQuant's SGDG): the Riemannian gradient
-    A R with A = G R^T - R G^T skew-symmetric, step size min(lr, 1/||A||_1), and the Cayley
-    retraction (I + a/2 A)^-1 (I - a/2 A) R, which keeps R exactly orthogonal."""
+    A R with A = G R^T - R G^T skew-symmetric, step size min(lr, 1/||A||_1) (lr <= 0: the bound
+    alone) times `scale`, and the Cayley retraction (I + a/2 A)^-1 (I - a/2 A) R, which keeps R
+    exactly orthogonal."""
     a = grad @ r.T - r @ grad.T
-    alpha = min(lr, 1.0 / (torch.linalg.matrix_norm(a, ord=1).item() + 1e-8))
+    bound = 1.0 / (torch.linalg.matrix_norm(a, ord=1).item() + 1e-8)
+    alpha = (min(lr, bound) if lr > 0 else bound) * scale
     eye = torch.eye(r.shape[0], dtype=r.dtype)
     return torch.linalg.solve(eye + alpha / 2 * a, (eye - alpha / 2 * a) @ r)
 
 
 @register
 class LearnRotations(Pass):
-    """Learn R1 and R2 (SpinQuant): Cayley SGD from random Hadamard, minimizing the LM loss under the later weight, activation and KV quantizers."""
+    """Learn R1 and R2 (SpinQuant): Cayley SGD from random Hadamard, minimizing the LM loss under the later
+    quantizers (loss=ce) or the output error the later activation/KV quantizers cause at each linear (loss=local)."""
     name = "learn-rotations"
 
     @dataclass(frozen=True)
     class Config:
         steps: int = 50
-        lr: float = 0.05    # cap on the Cayley step (SpinQuant: 1.5; 0.05 measured best on stories260K)
+        lr: float = 0.05    # cap on the Cayley step (SpinQuant: 1.5; 0.05 measured best on stories260K); 0: no cap
         calib: int = 128    # calibration sequences (cycled through)
         seq: int = 256      # tokens per sequence
         batch: int = 2      # sequences per step
         seed: int = 0
         load: str = ""      # an artifact directory whose learned rotations to reuse instead of learning
+        loss: str = "ce"      # "ce": the model's next-token loss; "local": each linear's output error from its quantized input
+        decay: bool = False   # steps shrink linearly to 0 over the run (SpinQuant's schedule)
+
+        def __post_init__(self):
+            if self.loss not in ("ce", "local"):
+                raise ValueError(f"loss must be ce or local, got {self.loss!r}")
 
     def contract(self):
         return Exact(0.0)   # records matrices beside the graph; the function is untouched
@@ -59,7 +91,7 @@ class LearnRotations(Pass):
         if c.load:
             return self._load(ir, s, Path(c.load))
         quant = [e for e in ctx.later if e.pass_cls.name == "quantize-weights"]
-        if not quant:
+        if not quant and c.loss == "ce":
             raise PassFailure("no quantize-weights follows: there is no quantization error to learn against")
         if ctx.calib is None:
             raise PassFailure("needs calibration text (compile --calib FILE)")
@@ -68,8 +100,6 @@ class LearnRotations(Pass):
         if r2_on:
             for a in s.attentions:
                 check_head_path(a)
-        qc = quant[0].config
-        spec = QuantSpec(qc.bits, qc.group, qc.sym)
         r4 = any(e.pass_cls.name == "insert-hadamard" and e.config.r4 for e in ctx.later)
         seqs = ctx.calib[:, : ctx.calib.shape[1] // c.seq * c.seq].reshape(-1, c.seq)[: c.calib]
         if len(seqs) == 0:
@@ -79,6 +109,38 @@ class LearnRotations(Pass):
         r1 = _start(d, c.seed).float().requires_grad_()
         r2s = [_start(a.head_dim, c.seed + 1 + i).float().requires_grad_() for i, a in enumerate(s.attentions)] \
             if r2_on else []
+        if c.loss == "local":
+            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s)
+        else:
+            loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s, quant[0], r4)
+        learned = [r1, *r2s]
+        probe = batch_at(0)   # a fixed batch, for a before/after loss that compares like with like
+        with torch.no_grad():
+            before = loss_on(probe).item()
+        t0 = time.perf_counter()
+        for step in tqdm(range(c.steps), desc="learn-rotations", disable=not ctx.progress, leave=False):
+            grads = torch.autograd.grad(loss_on(batch_at(step)), learned)
+            with torch.no_grad():
+                for r, g in zip(learned, grads):
+                    r.copy_(cayley_step(r.double(), g.double(), c.lr, 1 - step / c.steps if c.decay else 1).float())
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            after = loss_on(probe).item()
+        ir.extra_tensors[LEARNED_R1] = r1.detach().double()
+        for i, r in enumerate(r2s):
+            ir.extra_tensors[learned_r2(i)] = r.detach().double()
+        return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, "seconds": round(seconds, 1),
+                                 "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4),
+                                 "learned_under": under, "r4": r4})
+
+    def _end_to_end(self, ir, s, ctx, seqs, r1, r2s, quant, r4):
+        """loss=ce: the model's next-token loss on calibration batches, with the rotations fused
+        differentiably, every weight fake-quantized (straight-through) on the later quantizer's grid
+        (RTN, the proxy for any method), and the later activation/KV quantizers and online Hadamards
+        in place. Returns (loss, batch_at, what it ran under)."""
+        c = self.config
+        qc = quant.config
+        spec = QuantSpec(qc.bits, qc.group, qc.sym)
         base = {}
 
         def get(t):
@@ -98,32 +160,69 @@ class LearnRotations(Pass):
                 w = new.get(lin.weight, get(lin.weight))
                 if lin.weight in downs:   # R4 is fused into down before quantization
                     h = h4[w.shape[1]]
-                    wq = fake_quantize(w @ h, spec)    # RTN: the proxy for any method
+                    wq = fake_quantize(w @ h, spec)
                     params[lin.weight] = wq if online else wq @ h.T
                 else:
                     params[lin.weight] = fake_quantize(w, spec)
             logits = torch.func.functional_call(gm, params, (ids,))
-            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
-        probe = seqs[: c.batch]   # a fixed batch, for a before/after loss that compares like with like
-        with torch.no_grad():
-            before = loss_on(probe).item()
-        t0 = time.perf_counter()
-        for step in tqdm(range(c.steps), desc="learn-rotations", disable=not ctx.progress, leave=False):
-            loss = loss_on(seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)])
-            grads = torch.autograd.grad(loss, [r1, *r2s])
-            with torch.no_grad():
-                for r, g in zip([r1, *r2s], grads):
-                    r.copy_(cayley_step(r.double(), g.double(), c.lr).float())
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            after = loss_on(probe).item()
-        ir.extra_tensors[LEARNED_R1] = r1.detach().double()
-        for i, r in enumerate(r2s):
-            ir.extra_tensors[learned_r2(i)] = r.detach().double()
-        return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, "seconds": round(seconds, 1),
-                                 "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4),
-                                 "learned_under": [quant[0].text(), *simulated], "r4": r4})
+        def batch_at(step):
+            return seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)]
+        return loss_on, batch_at, [quant.text(), *simulated]
+
+    def _local(self, ir, s, ctx, seqs, r1, r2s):
+        """loss=local: the quantized inputs the rotations act on, recorded once from the float model,
+        and a loss that needs no forward pass. Each term is the output error quantization causes at
+        the linears reading a value, relative to their output: ||(Q(X R) R^T - X) W^T||^2 / ||X W^T||^2,
+        with Q the later quantizer (LSQ's gradient: straight-through rounding, differentiable ranges).
+        R1: each block's norm output into the linears reading it. R2 (per attention, head by head):
+        the values into the KV cache and the attention output into o, both read by o. Returns
+        (loss, batch_at, what it ran under)."""
+        c = self.config
+        act = next((e for e in ctx.later if e.pass_cls.name == "quantize-activations"), None)
+        if act is None:
+            raise PassFailure("loss=local learns against activation quantization: no quantize-activations follows")
+        kv = next((e for e in ctx.later if e.pass_cls.name == "quantize-kv"), None)
+        a, skip, roles = act.config, set(filter(None, act.config.skip.split("|"))), linear_roles(s)
+        quant_a = lambda x: quantize_tokens_lsq(x, a.bits, a.group, a.sym, a.clip)   # noqa: E731
+        terms = []   # (recorded node, slice of its last dim, Gram matrix W^T W of its readers, error fn)
+        for n in [b.norm for b in s.blocks] + ([s.final_norm] if a.lm_head else []):
+            ws = [ir.tensor(lin.weight).float() for lin in n.consumers
+                  if roles.get(lin.node) not in skip and (a.lm_head or lin is not s.lm_head)]
+            if ws:
+                w = torch.cat(ws)
+                terms.append((n.output, None, w.T @ w, lambda x: quant_a(x @ r1) @ r1.T))
+        for att, r2 in zip(s.attentions, r2s):
+            wo = ir.tensor(att.o.weight).float()
+            if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
+                heads = wo.reshape(len(wo), -1, att.head_dim)
+                g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
+                gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
+                terms.append((att.v.node, slice(*att.v_rows), gv,
+                              lambda x, r2=r2, k=kv.config: _per_head(x, r2, lambda y: quantize_tokens_lsq(
+                                  y.unflatten(-1, (-1, len(r2))), k.bits, k.group, k.sym, k.clip).flatten(-2))))
+            if "o" not in skip:
+                terms.append((att.o.node.args[0], None, wo.T @ wo, lambda x, r2=r2: _per_head(x, r2, quant_a)))
+        nodes = list(dict.fromkeys(t[0] for t in terms))
+        values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress)))
+        xs = [values[n] if sl is None else values[n][:, sl] for n, sl, _, _ in terms]
+        energy = [((x @ g) * x).sum(-1) for x, (_, _, g, _) in zip(xs, terms)]   # ||x W^T||^2 per token
+        tokens = len(xs[0])
+        per_step = c.batch * c.seq
+        order = torch.randperm(tokens, generator=torch.Generator().manual_seed(c.seed))
+
+        def batch_at(step):
+            return order[torch.arange(step * per_step, (step + 1) * per_step) % tokens]
+
+        def loss_on(idx):
+            total = 0.0
+            for x, en, (_, _, g, err) in zip(xs, energy, terms):
+                x = x[idx]
+                e = err(x) - x
+                total = total + ((e @ g) * e).sum() / en[idx].sum()
+            return total / len(terms)
+        return loss_on, batch_at, [e.text() for e in (act, kv) if e is not None]
 
     @staticmethod
     def _simulation(ir, ctx):

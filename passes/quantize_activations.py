@@ -18,6 +18,21 @@ def _check(bits, clip):
         raise ValueError(f"clip must be in (0, 1], got {clip}")
 
 
+ROLES = ("qkv", "o", "up", "down")
+
+
+def linear_roles(s) -> dict:
+    """Linear node -> its role in its block (the analysis knows it; no module names)."""
+    out = {}
+    for a in s.attentions:
+        out.update({a.q.node: "qkv", a.k.node: "qkv", a.v.node: "qkv", a.o.node: "o"})
+    for m in s.mlps:
+        out.update({m.up.node: "up", m.down.node: "down"})
+        if m.gate is not None:
+            out[m.gate.node] = "up"
+    return out
+
+
 def _contract(bits):
     return Lossy({8: 15.0}.get(bits, -10.0))   # a floor at 8 bits; below that, any finite output
 
@@ -43,9 +58,13 @@ class QuantizeActivations(Pass):
         sym: bool = False
         group: int = -1       # values per scale along the hidden dim (-1: one per token)
         lm_head: bool = False
+        skip: str = ""        # roles whose inputs stay 16-bit, "|"-separated: qkv, o, up (and gate), down
 
         def __post_init__(self):
             _check(self.bits, self.clip)
+            bad = set(filter(None, self.skip.split("|"))) - set(ROLES)
+            if bad:
+                raise ValueError(f"skip: unknown roles {sorted(bad)} (known: {'|'.join(ROLES)})")
 
     def contract(self):
         return _contract(self.config.bits)
@@ -54,9 +73,11 @@ class QuantizeActivations(Pass):
         c = self.config
         s = ir.analysis
         readers: dict[torch.fx.Node, list] = {}
+        skip, roles = set(filter(None, c.skip.split("|"))), linear_roles(s)
         for lin in s.linears.values():
             x = lin.node.args[0]
-            if (lin is s.lm_head and not c.lm_head) or getattr(x, "target", None) is _OP:
+            if (lin is s.lm_head and not c.lm_head) or getattr(x, "target", None) is _OP \
+                    or roles.get(lin.node) in skip:
                 continue
             if c.group != -1 and lin.in_features % c.group:
                 raise PassFailure(f"group {c.group} does not divide {lin.name}'s {lin.in_features} inputs", lin.node)

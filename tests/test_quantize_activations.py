@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from lowbit.ir.artifact import load_artifact, save_artifact
-from lowbit.ir.quant import quantize_tokens
+from lowbit.ir.hadamard import random_hadamard
+from lowbit.ir.quant import quantize_tokens, quantize_tokens_lsq
 from lowbit.passes import PassContext, PassManager, PipelineError
+from lowbit.passes.fuse_rotations import learned_r2
 from lowbit.passes.instruments import sqnr_db
 from lowbit.tools.evaluate import read_text, windows
 from models import DATA, need_data, tiny_ir
@@ -37,6 +39,30 @@ def test_clip_shrinks_the_range():
     y = quantize_tokens(x, 4, -1, True, 0.5)
     # scale 0.5 / 7: codes -8..7 reach [-8/14, 0.5]
     assert y.max() <= 0.5 + 1e-6 and y.min() >= -0.5 * 8 / 7 - 1e-6 and torch.equal(y[0], y[1])
+
+
+def test_lsq_gradient_sees_the_ranges():
+    x = (torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 2).requires_grad_()
+    y = quantize_tokens_lsq(x, 4, -1, False, 0.9)
+    assert torch.equal(y, quantize_tokens(x, 4, -1, False, 0.9))   # the same values
+    # the squared rounding error: zero gradient when rounding is only passed straight through;
+    # through the ranges it is nonzero, and a small step against it lowers the error
+    err = lambda q, v: (q(v, 4, -1, False, 0.9) - v).pow(2).sum()
+    g_ste, = torch.autograd.grad(err(quantize_tokens, x), x)
+    g_lsq, = torch.autograd.grad(err(quantize_tokens_lsq, x), x)
+    assert g_ste.abs().max() == 0 and g_lsq.abs().max() > 0
+    with torch.no_grad():
+        assert err(quantize_tokens, x - 1e-3 * g_lsq) < err(quantize_tokens, x)
+
+
+def test_skip_roles_stay_16_bit(stories_ir):
+    PassManager("quantize-activations{bits=4,skip=qkv|down}").run(stories_ir)
+    s = stories_ir.analysis
+    for a, m in zip(s.attentions, s.mlps):
+        assert a.q.node.args[0].target is not Q and a.o.node.args[0].target is Q
+        assert m.down.node.args[0].target is not Q and m.up.node.args[0].target is Q
+    with pytest.raises(PipelineError, match=r"unknown roles \['gate'\]"):
+        PassManager("quantize-activations{skip=gate}")
 
 
 def test_one_quantizer_per_linear_input_and_kv_at_attention(stories_ir):
@@ -109,3 +135,23 @@ def test_learn_rotations_under_activation_and_kv_quantization(stories_ir, tmp_pa
     save_artifact(stories_ir, tmp_path / "a", {})
     x = calib[:1, :64]
     assert torch.equal(load_artifact(tmp_path / "a").gm(x), stories_ir.gm(x))
+
+
+def test_learn_rotations_local_lowers_the_linear_output_error(stories_ir):
+    need_data("tinystories", "train-head.txt")
+    calib = windows(stories_ir.tokenizer.encode(read_text(DATA / "tinystories" / "train-head.txt")), 512, 8 * 512)
+    pipe = ("fold-norms,learn-rotations{{steps=60,seq=128,batch=4,lr=0,decay=true,loss=local}},"
+            "fuse-rotations{{kind=learned}},insert-hadamard,quantize-weights{{bits=8}}{}")
+    with pytest.raises(PipelineError, match="no quantize-activations follows"):
+        PassManager(pipe.format("")).run(copy.deepcopy(stories_ir), PassContext(calib=calib))
+    PassManager(pipe.format(",quantize-activations{bits=4,clip=0.9}")).run(stories_ir, PassContext(calib=calib))
+    learn = stories_ir.stats[1]
+    # measured: 0.0058 -> 0.0036 (relative output error of the linears reading the norms)
+    assert learn["probe_loss_after"] < 0.85 * learn["probe_loss_before"]
+    assert learn["learned_under"] == ["quantize-activations{bits=4,clip=0.9}"]
+    # R2 moved too (it rotates the values and o_proj's input); both stay orthogonal
+    r2 = stories_ir.extra_tensors[learned_r2(0)]
+    assert (r2 - random_hadamard(len(r2), 1)).abs().max() > 1e-3
+    assert torch.allclose(r2 @ r2.T, torch.eye(len(r2), dtype=r2.dtype), atol=1e-5)
+    with pytest.raises(PipelineError, match="loss must be ce or local"):
+        PassManager("learn-rotations{loss=mse}")
