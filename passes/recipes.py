@@ -58,7 +58,7 @@ RECIPES: dict[str, tuple[str, str]] = {
                 "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95}",
                 "QuaRot-style: random Hadamard rotations, int4 GPTQ weights, 4-bit activations and KV cache "
                 "(needs --calib)"),
-    "w4a4kv4-learned": ("fold-norms,learn-rotations{steps=200,batch=1,seq=256,calib=64,lr=0,decay=true,loss=local},"
+    "w4a4kv4-learned": ("fold-norms,learn-rotations{steps=200,batch=1,seq=256,calib=64,lr=0.0,decay=true,loss=local},"
                         "fuse-rotations{kind=learned},insert-hadamard,quantize-weights{method=gptq,bits=4,group=128,sym=false},"
                         "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95}",
                         "SpinQuant-style: R1/R2 learned against the 4-bit activation and KV quantizers (each linear's "
