@@ -184,7 +184,8 @@ class LearnRotations(Pass):
         if act is None:
             raise PassFailure("loss=local learns against activation quantization: no quantize-activations follows")
         kv = next((e for e in ctx.later if e.pass_cls.name == "quantize-kv"), None)
-        a, skip, roles = act.config, set(filter(None, act.config.skip.split("|"))), linear_roles(s)
+        a, roles = act.config, linear_roles(s)
+        skip = a.skipped
         quant_a = lambda x: quantize_tokens_lsq(x, a.bits, a.group, a.sym, a.clip)   # noqa: E731
         terms = []   # (recorded node, slice of its last dim, Gram matrix W^T W of its readers, error fn)
         for n in [b.norm for b in s.blocks] + ([s.final_norm] if a.lm_head else []):

@@ -60,9 +60,13 @@ class QuantizeActivations(Pass):
         lm_head: bool = False
         skip: str = ""        # roles whose inputs stay 16-bit, "|"-separated: qkv, o, up (and gate), down
 
+        @property
+        def skipped(self) -> set[str]:
+            return set(filter(None, self.skip.split("|")))
+
         def __post_init__(self):
             _check(self.bits, self.clip)
-            bad = set(filter(None, self.skip.split("|"))) - set(ROLES)
+            bad = self.skipped - set(ROLES)
             if bad:
                 raise ValueError(f"skip: unknown roles {sorted(bad)} (known: {'|'.join(ROLES)})")
 
@@ -73,7 +77,7 @@ class QuantizeActivations(Pass):
         c = self.config
         s = ir.analysis
         readers: dict[torch.fx.Node, list] = {}
-        skip, roles = set(filter(None, c.skip.split("|"))), linear_roles(s)
+        skip, roles = c.skipped, linear_roles(s)
         for lin in s.linears.values():
             x = lin.node.args[0]
             if (lin is s.lm_head and not c.lm_head) or getattr(x, "target", None) is _OP \
