@@ -5,8 +5,8 @@ The IR is lowered for the flavor (`lower-kernels`) and exported by torch.onnx's 
 opset 23 (fused Attention, RMSNormalization, RotaryEmbedding); lowbit's kernel ops are translated
 here: ort -> com.microsoft::MatMulNBits; qdq -> blocked INT4/INT8 DequantizeLinear, GatherElements
 for lookup tables, ScatterElements for outliers; trt -> qdq plus lowbit-domain nodes (Hadamard,
-LutMatMul, SparseMatMul) for the TensorRT plugins. Online Hadamards, activation and KV quantizers
-become standard ops in every flavor but trt's Hadamard."""
+LutMatMul, SparseMatMul) for the TensorRT plugins. Online Hadamards and learned
+Kronecker rotations, activation and KV quantizers become standard ops in every flavor but trt's Hadamard."""
 from __future__ import annotations
 
 import functools
@@ -87,7 +87,7 @@ def _translations(flavor: str = "ort", accuracy_level: int = 0):
 
     table = {L.matmul_nbits.default: matmul_nbits, L.dequantize_blocked.default: dequantize_blocked,
              L.gather_lut.default: gather_lut, L.scatter_add.default: scatter_add,
-             L.hadamard.default: _hadamard, L.quantize_tokens.default: _quantize_tokens,
+             L.hadamard.default: _hadamard, L.rotate_kron.default: _rotate_kron, L.quantize_tokens.default: _quantize_tokens,
              L.kv_quantize.default: _kv_quantize, L.kv_dequantize.default: _kv_dequantize}
     if flavor == "trt":
         table[L.hadamard.default] = lambda x: lb.Hadamard(x)
@@ -156,6 +156,13 @@ def _hadamard(x):
         else:   # out[a, :] = sum_c M[c, a] y[c, :]
             y = op.MatMul(_const(np.ascontiguousarray(m.T)), op.Reshape(y, _const(np.array([-1, m.shape[0], rest], np.int64))))
     return op.Reshape(y, op.Shape(x))
+
+
+def _rotate_kron(x, a, b):
+    """lowbit.rotate_kron in standard ops: A^T X B on x reshaped to [-1, p, q]."""
+    from onnxscript import opset23 as op
+    y = op.MatMul(op.Reshape(x, _const(np.array([-1, a.shape[0], b.shape[0]], np.int64))), b)
+    return op.Reshape(op.MatMul(op.Transpose(a, perm=[1, 0]), y), op.Shape(x))
 
 
 def _token_codes(xg, bits: int, sym: bool, clip: float):

@@ -110,6 +110,23 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return (y / math.sqrt(n)).reshape(*lead, n)
 
 
+def kron_split(n: int) -> tuple[int, int]:
+    """(p, q) with n = p q for a Kronecker-factored rotation of order n: q the power-of-two part of
+    n up to 256, p the rest (holding the base order)."""
+    _, two = _check(n)
+    q = min(two, 256)
+    return n // q, q
+
+
+def kron_hadamard(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), orthogonal, with A kron B = H_n / sqrt(n): where a learned Kronecker-factored
+    rotation starts (float64)."""
+    p, q = kron_split(n)
+    k, _ = _check(n)
+    base = _base_matrices()[k] if k > 1 else torch.ones(1, 1, dtype=torch.float64)
+    return torch.kron(base, _sylvester(p // k)) / math.sqrt(p), _sylvester(q) / math.sqrt(q)
+
+
 @torch.library.custom_op("lowbit::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Online Hadamard transform: x @ (H_n / sqrt(n)) along the last dimension."""
@@ -133,3 +150,24 @@ def _backward(ctx, grad):
 
 
 hadamard.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("lowbit::rotate_kron", mutates_args=())
+def rotate_kron(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Online rotation by a Kronecker-factored orthogonal matrix: x @ (A kron B) along the last
+    dim, computed as A^T X B on x viewed as [..., p, q] (p q (p + q) work per row, not n^2)."""
+    y = a.T @ x.reshape(*x.shape[:-1], len(a), len(b)) @ b
+    return y.reshape(x.shape)
+
+
+@rotate_kron.register_fake
+def _(x, a, b):
+    return torch.empty_like(x)
+
+
+def _kron_backward(ctx, grad):
+    a, b = ctx.saved_tensors   # the vjp of x -> x (A kron B) is grad (A kron B)^T = A G B^T
+    return (a @ grad.reshape(*grad.shape[:-1], len(a), len(b)) @ b.T).reshape(grad.shape), None, None
+
+
+rotate_kron.register_autograd(_kron_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[1:]))

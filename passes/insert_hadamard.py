@@ -2,23 +2,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from lowbit.ir import meta
-from lowbit.ir.hadamard import hadamard, hadamard_matrix, supported
+from lowbit.ir.hadamard import hadamard, hadamard_matrix, rotate_kron, supported
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
 
 _OP = hadamard._opoverload
+_KRON = rotate_kron._opoverload
+
+
+def learned_r4(layer: int) -> tuple[str, str]:
+    """Where learn-rotations leaves layer `layer`'s R4 factors (A, B; R4 = A kron B) for kind=learned."""
+    return f"rotations.R4.{layer}.a", f"rotations.R4.{layer}.b"
 
 
 @register
 class InsertHadamard(Pass):
-    """Online Hadamard transforms: R4 on the MLP down projection's input (inverse fused), R3 on q and k after RoPE."""
+    """Online Hadamard transforms: R4 on the MLP down projection's input (inverse fused), R3 on q and k after RoPE.
+    kind=learned: R4 is the Kronecker-factored rotation learn-rotations{loss=local} learned per layer."""
     name = "insert-hadamard"
 
     @dataclass(frozen=True)
     class Config:
         r3: bool = True
         r4: bool = True
+        kind: str = "hadamard"   # of R4: hadamard | learned
+
+        def __post_init__(self):
+            if self.kind not in ("hadamard", "learned"):
+                raise ValueError(f"kind must be hadamard or learned, got '{self.kind}'")
 
     def contract(self):
         return Exact(1e-4)
@@ -27,23 +41,35 @@ class InsertHadamard(Pass):
         s = ir.analysis
         r3 = r4 = 0
         if self.config.r4:
-            for m in s.mlps:
+            for i, m in enumerate(s.mlps):
                 down = m.down
                 x = down.node.args[0]
-                if getattr(x, "target", None) is _OP:
+                if getattr(x, "target", None) in (_OP, _KRON):
                     continue   # already inserted: idempotent
                 if down.frozen:
                     raise PassFailure(f"'{down.name}' is already quantized or split; insert Hadamard before "
                                       "quantize-weights and split-outliers",
                                       down.node)
                 n = down.in_features
-                if not supported(n):
-                    raise PassFailure(f"no Hadamard transform of order {n} for '{down.name}'s input", down.node)
-                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q = H_n / sqrt(n) orthogonal
-                h = self._insert_after(ir, x, only_user=down.node)
-                q = hadamard_matrix(n) / n ** 0.5
+                if self.config.kind == "learned":
+                    keys = learned_r4(i)
+                    if keys[0] not in ir.extra_tensors:
+                        raise PassFailure(f"no learned R4 for '{down.name}': insert-hadamard{{kind=learned}} needs "
+                                          "learn-rotations{loss=local} before it", down.node)
+                    a, b = (ir.extra_tensors[k].double() for k in keys)
+                    targets = [down.weight.rpartition(".")[0] + t for t in (".r4_a", ".r4_b")]
+                    for t, f in zip(targets, (a, b)):
+                        ir.set_tensor(t, f.float())
+                    h = self._insert_after(ir, x, down.node, _KRON, targets)
+                    q, what = torch.kron(a, b), "R4 in (online learned Kronecker rotation)"
+                else:
+                    if not supported(n):
+                        raise PassFailure(f"no Hadamard transform of order {n} for '{down.name}'s input", down.node)
+                    h = self._insert_after(ir, x, only_user=down.node)
+                    q, what = hadamard_matrix(n) / n ** 0.5, "R4 in (online Hadamard)"
+                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q orthogonal
                 ir.set_tensor(down.weight, (ir.tensor(down.weight).double() @ q).float())
-                down.node.meta.setdefault(meta.ROTATIONS, []).append("R4 in (online Hadamard)")
+                down.node.meta.setdefault(meta.ROTATIONS, []).append(what)
                 h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
                 r4 += 1
         if self.config.r3:
@@ -65,9 +91,10 @@ class InsertHadamard(Pass):
         return PassResult(True, {"r3": r3, "r4": r4})
 
     @staticmethod
-    def _insert_after(ir, x, only_user=None):
+    def _insert_after(ir, x, only_user=None, op=_OP, tensors=()):
         with ir.graph.inserting_after(x):
-            h = ir.graph.call_function(_OP, (x,))
+            h = ir.graph.call_function(op, (x,))
+        h.args = (x, *[ir.get_attr(t, h) for t in tensors])
         ir.stamp(h)
         if only_user is not None:
             only_user.replace_input_with(x, h)

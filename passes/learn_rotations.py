@@ -9,34 +9,53 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lowbit.ir.hadamard import hadamard_matrix, random_hadamard, random_orthogonal, supported
+from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, random_hadamard, random_orthogonal, supported
 from lowbit.ir.quant import QuantSpec, fake_quantize, quantize_tokens_lsq
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
 from .quantize_activations import linear_roles
 from .fuse_rotations import LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors
+from .insert_hadamard import learned_r4
 
 
-def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4) -> list[torch.Tensor]:
-    """The values of `nodes` over the calibration sequences, as [tokens, width] rows (one forward pass)."""
+def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4, norms=()) -> list[torch.Tensor]:
+    """The values of `nodes` over the calibration sequences, as [tokens, width] rows (one forward
+    pass); of the nodes in `norms`, only each row's squared norm."""
     want = {n: [] for n in nodes}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n in want:
-                want[n].append(out.detach().float().reshape(-1, out.shape[-1]))
+                rows = out.detach().float().reshape(-1, out.shape[-1])
+                want[n].append(rows.square().sum(-1) if n in norms else rows)
             return out
     with torch.no_grad():
         for i in tqdm(range(0, len(seqs), batch), desc="learn-rotations: recording", disable=not progress, leave=False):
             Recorder(gm).run(seqs[i: i + batch])
-    return [torch.cat(v) for v in want.values()]
+    return [torch.cat(want.pop(n)) for n in nodes]   # one node's chunks and its copy at a time: peak ~ the total once
 
 
 def _per_head(x, r2, quant):
     """X [tokens, heads * head_dim] with each head rotated by R2, quantized by `quant`, rotated back."""
     y = quant((x.unflatten(-1, (-1, len(r2))) @ r2).flatten(-2))
     return (y.unflatten(-1, (-1, len(r2))) @ r2.T).flatten(-2)
+
+
+def _kron(x, a, b, inverse=False):
+    """x @ (A kron B) along the last dim (inverse: x @ (A kron B)^T), as lowbit.rotate_kron computes it."""
+    y = x.unflatten(-1, (len(a), len(b)))
+    y = a @ y @ b.T if inverse else a.T @ y @ b
+    return y.flatten(-2)
+
+
+def _out_energy(w):
+    """e -> ||e W^T||^2 per row, through W^T or the Gram matrix W^T W, whichever is smaller."""
+    if w.shape[0] <= w.shape[1]:
+        wt = w.T.contiguous()
+        return lambda e: (e @ wt).square().sum(-1)
+    g = w.T @ w
+    return lambda e: ((e @ g) * e).sum(-1)
 
 
 def _start(n: int, seed: int) -> torch.Tensor:
@@ -58,7 +77,8 @@ def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float, scale: float = 1
 @register
 class LearnRotations(Pass):
     """Learn R1 and R2 (SpinQuant): Cayley SGD from random Hadamard, minimizing the LM loss under the later
-    quantizers (loss=ce) or the output error the later activation/KV quantizers cause at each linear (loss=local)."""
+    quantizers (loss=ce) or the output error the later activation/KV quantizers cause at each linear (loss=local).
+    With a later insert-hadamard{kind=learned}, loss=local also learns each layer's online R4 (A kron B, from H_n)."""
     name = "learn-rotations"
 
     @dataclass(frozen=True)
@@ -101,6 +121,10 @@ class LearnRotations(Pass):
             for a in s.attentions:
                 check_head_path(a)
         r4 = any(e.pass_cls.name == "insert-hadamard" and e.config.r4 for e in ctx.later)
+        r4_learned = any(e.pass_cls.name == "insert-hadamard" and e.config.r4 and e.config.kind == "learned"
+                         for e in ctx.later)
+        if r4_learned and c.loss != "local":
+            raise PassFailure("insert-hadamard{kind=learned} follows: R4 is learned by loss=local only")
         seqs = ctx.calib[:, : ctx.calib.shape[1] // c.seq * c.seq].reshape(-1, c.seq)[: c.calib]
         if len(seqs) == 0:
             raise PassFailure(f"calibration windows are shorter than seq={c.seq}")
@@ -109,19 +133,23 @@ class LearnRotations(Pass):
         r1 = _start(d, c.seed).float().requires_grad_()
         r2s = [_start(a.head_dim, c.seed + 1 + i).float().requires_grad_() for i, a in enumerate(s.attentions)] \
             if r2_on else []
+        r4s = [[f.float().requires_grad_() for f in kron_hadamard(m.down.in_features)] for m in s.mlps] \
+            if r4_learned else []
         if c.loss == "local":
-            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s)
+            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s)
         else:
             loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s, quant[0], r4)
-        learned = [r1, *r2s]
+        learned = [r1, *r2s, *[f for ab in r4s for f in ab]]
         probe = batch_at(0)   # a fixed batch, for a before/after loss that compares like with like
         with torch.no_grad():
             before = loss_on(probe).item()
         t0 = time.perf_counter()
         for step in tqdm(range(c.steps), desc="learn-rotations", disable=not ctx.progress, leave=False):
-            grads = torch.autograd.grad(loss_on(batch_at(step)), learned)
+            grads = torch.autograd.grad(loss_on(batch_at(step)), learned, allow_unused=True)
             with torch.no_grad():
                 for r, g in zip(learned, grads):
+                    if g is None:   # no term reads it (its linears are skipped)
+                        continue
                     r.copy_(cayley_step(r.double(), g.double(), c.lr, 1 - step / c.steps if c.decay else 1).float())
         seconds = time.perf_counter() - t0
         with torch.no_grad():
@@ -129,9 +157,12 @@ class LearnRotations(Pass):
         ir.extra_tensors[LEARNED_R1] = r1.detach().double()
         for i, r in enumerate(r2s):
             ir.extra_tensors[learned_r2(i)] = r.detach().double()
+        for i, ab in enumerate(r4s):
+            for k, f in zip(learned_r4(i), ab):
+                ir.extra_tensors[k] = f.detach().double()
         return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, "seconds": round(seconds, 1),
                                  "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4),
-                                 "learned_under": under, "r4": r4})
+                                 "learned_under": under, "r4": "learned" if r4_learned else r4})
 
     def _end_to_end(self, ir, s, ctx, seqs, r1, r2s, quant, r4):
         """loss=ce: the model's next-token loss on calibration batches, with the rotations fused
@@ -171,14 +202,15 @@ class LearnRotations(Pass):
             return seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)]
         return loss_on, batch_at, [quant.text(), *simulated]
 
-    def _local(self, ir, s, ctx, seqs, r1, r2s):
+    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s):
         """loss=local: the quantized inputs the rotations act on, recorded once from the float model,
         and a loss that needs no forward pass. Each term is the output error quantization causes at
         the linears reading a value, relative to their output: ||(Q(X R) R^T - X) W^T||^2 / ||X W^T||^2,
         with Q the later quantizer (LSQ's gradient: straight-through rounding, differentiable ranges).
         R1: each block's norm output into the linears reading it. R2 (per attention, head by head):
-        the values into the KV cache and the attention output into o, both read by o. Returns
-        (loss, batch_at, what it ran under)."""
+        the values into the KV cache and the attention output into o, both read by o. R4 (if learned):
+        each down projection's input. The o, value and down terms weight each token by 1 / ||h||^2, h
+        the residual their output is added to. Returns (loss, batch_at, what it ran under)."""
         c = self.config
         act = next((e for e in ctx.later if e.pass_cls.name == "quantize-activations"), None)
         if act is None:
@@ -187,28 +219,40 @@ class LearnRotations(Pass):
         a, roles = act.config, linear_roles(s)
         skip = a.skipped
         quant_a = lambda x: quantize_tokens_lsq(x, a.bits, a.group, a.sym, a.clip)   # noqa: E731
-        terms = []   # (recorded node, slice of its last dim, Gram matrix W^T W of its readers, error fn)
+        terms = []   # (recorded node, slice of its last dim, e -> ||e W^T||^2 over its readers, error fn, residual)
         for n in [b.norm for b in s.blocks] + ([s.final_norm] if a.lm_head else []):
             ws = [ir.tensor(lin.weight).float() for lin in n.consumers
                   if roles.get(lin.node) not in skip and (a.lm_head or lin is not s.lm_head)]
             if ws:
-                w = torch.cat(ws)
-                terms.append((n.output, None, w.T @ w, lambda x: quant_a(x @ r1) @ r1.T))
+                terms.append((n.output, None, _out_energy(torch.cat(ws)), lambda x: quant_a(x @ r1) @ r1.T, None))
+        home = {id(b.attention): b.norm.input for b in s.blocks if b.attention} | \
+            {id(b.mlp): b.norm.input for b in s.blocks if b.mlp}   # the residual a block's output is added to
         for att, r2 in zip(s.attentions, r2s):
             wo = ir.tensor(att.o.weight).float()
             if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
                 heads = wo.reshape(len(wo), -1, att.head_dim)
                 g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
                 gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
-                terms.append((att.v.node, slice(*att.v_rows), gv,
+                terms.append((att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
                               lambda x, r2=r2, k=kv.config: _per_head(x, r2, lambda y: quantize_tokens_lsq(
-                                  y.unflatten(-1, (-1, len(r2))), k.bits, k.group, k.sym, k.clip).flatten(-2))))
+                                  y.unflatten(-1, (-1, len(r2))), k.bits, k.group, k.sym, k.clip).flatten(-2)),
+                              home[id(att)]))
             if "o" not in skip:
-                terms.append((att.o.node.args[0], None, wo.T @ wo, lambda x, r2=r2: _per_head(x, r2, quant_a)))
-        nodes = list(dict.fromkeys(t[0] for t in terms))
-        values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress)))
-        xs = [values[n] if sl is None else values[n][:, sl] for n, sl, _, _ in terms]
-        energy = [((x @ g) * x).sum(-1) for x, (_, _, g, _) in zip(xs, terms)]   # ||x W^T||^2 per token
+                terms.append((att.o.node.args[0], None, _out_energy(wo), lambda x, r2=r2: _per_head(x, r2, quant_a),
+                              home[id(att)]))
+        if "down" not in skip:
+            for m, (a4, b4) in zip(s.mlps if r4s else [], r4s):
+                terms.append((m.down.node.args[0], None, _out_energy(ir.tensor(m.down.weight).float()),
+                              lambda x, a4=a4, b4=b4: _kron(quant_a(_kron(x, a4, b4)), a4, b4, inverse=True),
+                              home[id(m)]))
+        residuals = {t[4] for t in terms if t[4] is not None}
+        nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals)))
+        values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress, norms=residuals)))
+        xs = [values[n] if sl is None else values[n][:, sl] for n, sl, _, _, _ in terms]
+        # a token's error counts relative to the residual it is added to (the next norm divides by
+        # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss
+        weights = [None if h is None else 1 / values[h] for *_, h in terms]
+        energy = [out(x) if w is None else out(x) * w for x, w, (_, _, out, _, _) in zip(xs, weights, terms)]
         tokens = len(xs[0])
         per_step = c.batch * c.seq
         order = torch.randperm(tokens, generator=torch.Generator().manual_seed(c.seed))
@@ -218,10 +262,10 @@ class LearnRotations(Pass):
 
         def loss_on(idx):
             total = 0.0
-            for x, en, (_, _, g, err) in zip(xs, energy, terms):
+            for x, w, en, (_, _, out, err, _) in zip(xs, weights, energy, terms):
                 x = x[idx]
-                e = err(x) - x
-                total = total + ((e @ g) * e).sum() / en[idx].sum()
+                e = out(err(x) - x)
+                total = total + (e if w is None else e * w[idx]).sum() / en[idx].sum()
             return total / len(terms)
         return loss_on, batch_at, [e.text() for e in (act, kv) if e is not None]
 

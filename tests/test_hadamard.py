@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lowbit.ir.hadamard import BASE_ORDERS, factor, fwht, hadamard, hadamard_matrix, random_hadamard, random_orthogonal
+from lowbit.ir.hadamard import (BASE_ORDERS, factor, fwht, hadamard, hadamard_matrix, kron_hadamard, random_hadamard,
+                                random_orthogonal, rotate_kron)
 
 # every base order alone and with powers of two, and the sizes of the two real models (dense
 # references are O(n^3): sizes stay at or under 4096)
@@ -46,3 +47,19 @@ def test_random_rotations_orthogonal_and_seeded(make):
     q = make(576, 3)
     assert torch.allclose(q @ q.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
     assert torch.equal(q, make(576, 3)) and not torch.equal(q, make(576, 4))
+
+
+@pytest.mark.parametrize("n", [64, 172, 576, 1536, 11008])
+def test_kron_rotation_starts_at_hadamard_and_matches_dense(n):
+    """lowbit.rotate_kron(x, A, B) is x @ (A kron B); kron_hadamard's factors give H_n / sqrt(n), and
+    the op's gradient is the transposed product (what learning R4 and the online op rely on)."""
+    a, b = kron_hadamard(n)
+    assert len(a) * len(b) == n and len(b) <= 256
+    assert torch.allclose(torch.kron(a, b), hadamard_matrix(n) / math.sqrt(n), atol=1e-12)
+    x = torch.randn(3, 5, n, dtype=torch.float64, requires_grad=True)
+    qa, qb = random_orthogonal(len(a), 0), random_orthogonal(len(b), 1)
+    y = rotate_kron(x, qa, qb)
+    assert torch.allclose(y, x @ torch.kron(qa, qb), atol=1e-10)
+    assert torch.allclose(rotate_kron(x, a, b), fwht(x), atol=1e-10)
+    g = torch.randn_like(y)
+    assert torch.allclose(torch.autograd.grad(y, x, g)[0], g @ torch.kron(qa, qb).T, atol=1e-10)
