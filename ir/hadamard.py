@@ -152,12 +152,18 @@ def _backward(ctx, grad):
 hadamard.register_autograd(_backward, setup_context=_setup)
 
 
+def kron_rotate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x @ (A kron B) along the last dim (inverse: x @ (A kron B)^T), computed as A^T X B (A X B^T)
+    on x viewed as [..., p, q]: p q (p + q) work per row, not n^2. Differentiable in A and B."""
+    y = x.unflatten(-1, (len(a), len(b)))
+    y = a @ y @ b.T if inverse else a.T @ y @ b
+    return y.flatten(-2)
+
+
 @torch.library.custom_op("lowbit::rotate_kron", mutates_args=())
 def rotate_kron(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Online rotation by a Kronecker-factored orthogonal matrix: x @ (A kron B) along the last
-    dim, computed as A^T X B on x viewed as [..., p, q] (p q (p + q) work per row, not n^2)."""
-    y = a.T @ x.reshape(*x.shape[:-1], len(a), len(b)) @ b
-    return y.reshape(x.shape)
+    """Online rotation by a Kronecker-factored orthogonal matrix: kron_rotate(x, A, B)."""
+    return kron_rotate(x, a, b)
 
 
 @rotate_kron.register_fake
@@ -166,8 +172,8 @@ def _(x, a, b):
 
 
 def _kron_backward(ctx, grad):
-    a, b = ctx.saved_tensors   # the vjp of x -> x (A kron B) is grad (A kron B)^T = A G B^T
-    return (a @ grad.reshape(*grad.shape[:-1], len(a), len(b)) @ b.T).reshape(grad.shape), None, None
+    a, b = ctx.saved_tensors   # the vjp of x -> x (A kron B) is grad (A kron B)^T
+    return kron_rotate(grad, a, b, inverse=True), None, None
 
 
 rotate_kron.register_autograd(_kron_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[1:]))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, random_hadamard, random_orthogonal, supported
+from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, kron_rotate, random_hadamard, random_orthogonal, supported
 from lowbit.ir.quant import QuantSpec, fake_quantize, quantize_tokens_lsq
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
@@ -40,13 +40,6 @@ def _per_head(x, r2, quant):
     """X [tokens, heads * head_dim] with each head rotated by R2, quantized by `quant`, rotated back."""
     y = quant((x.unflatten(-1, (-1, len(r2))) @ r2).flatten(-2))
     return (y.unflatten(-1, (-1, len(r2))) @ r2.T).flatten(-2)
-
-
-def _kron(x, a, b, inverse=False):
-    """x @ (A kron B) along the last dim (inverse: x @ (A kron B)^T), as lowbit.rotate_kron computes it."""
-    y = x.unflatten(-1, (len(a), len(b)))
-    y = a @ y @ b.T if inverse else a.T @ y @ b
-    return y.flatten(-2)
 
 
 def _out_energy(w):
@@ -120,9 +113,8 @@ class LearnRotations(Pass):
         if r2_on:
             for a in s.attentions:
                 check_head_path(a)
-        r4 = any(e.pass_cls.name == "insert-hadamard" and e.config.r4 for e in ctx.later)
-        r4_learned = any(e.pass_cls.name == "insert-hadamard" and e.config.r4 and e.config.kind == "learned"
-                         for e in ctx.later)
+        h4 = next((e.config for e in ctx.later if e.pass_cls.name == "insert-hadamard" and e.config.r4), None)
+        r4, r4_learned = h4 is not None, h4 is not None and h4.kind == "learned"
         if r4_learned and c.loss != "local":
             raise PassFailure("insert-hadamard{kind=learned} follows: R4 is learned by loss=local only")
         seqs = ctx.calib[:, : ctx.calib.shape[1] // c.seq * c.seq].reshape(-1, c.seq)[: c.calib]
@@ -241,9 +233,9 @@ class LearnRotations(Pass):
                 terms.append((att.o.node.args[0], None, _out_energy(wo), lambda x, r2=r2: _per_head(x, r2, quant_a),
                               home[id(att)]))
         if "down" not in skip:
-            for m, (a4, b4) in zip(s.mlps if r4s else [], r4s):
+            for m, (a4, b4) in zip(s.mlps, r4s):
                 terms.append((m.down.node.args[0], None, _out_energy(ir.tensor(m.down.weight).float()),
-                              lambda x, a4=a4, b4=b4: _kron(quant_a(_kron(x, a4, b4)), a4, b4, inverse=True),
+                              lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4, inverse=True),
                               home[id(m)]))
         residuals = {t[4] for t in terms if t[4] is not None}
         nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals)))
