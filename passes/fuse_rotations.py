@@ -20,6 +20,14 @@ _LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defaul
 LEARNED_R1 = "rotations.R1"     # where learn-rotations leaves its matrices for kind=learned
 
 
+def smooth_v(layer: int) -> str:
+    return f"smooth.v.{layer}"
+
+
+def smooth_down(layer: int) -> str:
+    return f"smooth.down.{layer}"
+
+
 def learned_r2(layer: int) -> str:
     return f"rotations.R2.{layer}"
 
@@ -117,6 +125,7 @@ class FuseRotations(Pass):
         r1 = self._matrix(ir, LEARNED_R1, d, c.seed)
         r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) for i, a in enumerate(s.attentions)] \
             if c.r2 else None
+        scaled = self._smooth(ir, s) if c.kind == "learned" else 0
         new = rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s)
         for target, t in new.items():
             ir.set_tensor(target, t.float())
@@ -130,7 +139,39 @@ class FuseRotations(Pass):
         s.embedding.meta[meta.ROTATED] = {"kind": c.kind, "seed": c.seed, "r2": c.r2}
         ir.changed()
         return PassResult(True, {"kind": c.kind, "dim": d, "readers": len(stream_readers(s)),
-                                 "writers": len(s.blocks), "r2_layers": len(r2s or [])})
+                                 "writers": len(s.blocks), "r2_layers": len(r2s or []), "smoothed": scaled})
+
+    @staticmethod
+    def _smooth(ir, s) -> int:
+        """learn-rotations{smooth=true}'s per-channel scales, before the rotations: values v / s
+        (v's rows) with o's input columns times s (per query head, through the GQA repeat); the
+        down input / s (up's rows, the gate stays) with down's columns times s. Exact."""
+        def scale(target, s, dim):
+            t = ir.tensor(target).double()
+            ir.set_tensor(target, (t * (s if dim == -1 else s[:, None])).float())
+        n = 0
+        for i, a in enumerate(s.attentions):
+            sv = ir.extra_tensors.get(smooth_v(i))
+            if sv is None:
+                continue
+            start, stop = a.v_rows
+            inv = torch.ones(ir.tensor(a.v.weight).shape[0], dtype=torch.float64)
+            inv[start:stop] = 1 / sv
+            scale(a.v.weight, inv, 0)
+            if a.v.bias:
+                scale(a.v.bias, inv, -1)
+            scale(a.o.weight, sv.view(-1, a.head_dim).repeat_interleave(a.n_heads // a.n_kv_heads, 0).flatten(), -1)
+            n += 1
+        for i, m in enumerate(s.mlps):
+            sd = ir.extra_tensors.get(smooth_down(i))
+            if sd is None:
+                continue
+            scale(m.up.weight, 1 / sd, 0)
+            if m.up.bias:
+                scale(m.up.bias, 1 / sd, -1)
+            scale(m.down.weight, sd, -1)
+            n += 1
+        return n
 
     def _matrix(self, ir, learned_target: str, n: int, seed: int) -> torch.Tensor:
         if self.config.kind == "learned":

@@ -14,7 +14,8 @@ from lowbit.ir.quant import QuantSpec, fake_quantize, quantize_tokens_lsq
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
 from .quantize_activations import linear_roles
-from .fuse_rotations import LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors
+from .fuse_rotations import (LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors,
+                             smooth_down, smooth_v)
 from .insert_hadamard import learned_r4
 
 
@@ -40,6 +41,23 @@ def _per_head(x, r2, quant):
     """X [tokens, heads * head_dim] with each head rotated by R2, quantized by `quant`, rotated back."""
     y = quant((x.unflatten(-1, (-1, len(r2))) @ r2).flatten(-2))
     return (y.unflatten(-1, (-1, len(r2))) @ r2.T).flatten(-2)
+
+
+SMOOTH_LR = 0.01   # Adam's step on the log-scales
+
+
+def _scaled(err, log_s, rep: int = 1, head_dim: int = 1):
+    """err with its input divided per channel by exp(log_s) and its output multiplied back (no
+    scales: err itself). `rep`: the value scales repeat per query head (grouped-query attention)."""
+    if log_s is None:
+        return err
+
+    def f(x):
+        s = log_s.exp()
+        if rep > 1:
+            s = s.view(-1, head_dim).repeat_interleave(rep, 0).flatten()
+        return err(x / s) * s
+    return f
 
 
 def _out_energy(w):
@@ -85,10 +103,13 @@ class LearnRotations(Pass):
         load: str = ""      # an artifact directory whose learned rotations to reuse instead of learning
         loss: str = "ce"      # "ce": the model's next-token loss; "local": each linear's output error from its quantized input
         decay: bool = False   # steps shrink linearly to 0 over the run (SpinQuant's schedule)
+        smooth: bool = False  # loss=local: also learn per-channel scales on the values and the down input
 
         def __post_init__(self):
             if self.loss not in ("ce", "local"):
                 raise ValueError(f"loss must be ce or local, got {self.loss!r}")
+            if self.smooth and self.loss != "local":
+                raise ValueError("smooth=true is learned by loss=local only")
 
     def contract(self):
         return Exact(0.0)   # records matrices beside the graph; the function is untouched
@@ -127,8 +148,9 @@ class LearnRotations(Pass):
             if r2_on else []
         r4s = [[f.float().requires_grad_() for f in kron_hadamard(m.down.in_features)] for m in s.mlps] \
             if r4_learned else []
+        smooth = {}   # extra-tensor key -> log-scale, learned by Adam beside the rotations
         if c.loss == "local":
-            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s)
+            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth)
         else:
             loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s, quant[0], r4)
         learned = [r1, *r2s, *[f for ab in r4s for f in ab]]
@@ -136,13 +158,19 @@ class LearnRotations(Pass):
         with torch.no_grad():
             before = loss_on(probe).item()
         t0 = time.perf_counter()
+        logs = list(smooth.values())
+        adam = torch.optim.Adam(logs, lr=SMOOTH_LR) if logs else None
         for step in tqdm(range(c.steps), desc="learn-rotations", disable=not ctx.progress, leave=False):
-            grads = torch.autograd.grad(loss_on(batch_at(step)), learned, allow_unused=True)
+            grads = torch.autograd.grad(loss_on(batch_at(step)), learned + logs, allow_unused=True)
             with torch.no_grad():
                 for r, g in zip(learned, grads):
                     if g is None:   # no term reads it (its linears are skipped)
                         continue
                     r.copy_(cayley_step(r.double(), g.double(), c.lr, 1 - step / c.steps if c.decay else 1).float())
+            if adam:
+                for t, g in zip(logs, grads[len(learned):]):
+                    t.grad = g
+                adam.step()
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             after = loss_on(probe).item()
@@ -152,6 +180,8 @@ class LearnRotations(Pass):
         for i, ab in enumerate(r4s):
             for k, f in zip(learned_r4(i), ab):
                 ir.extra_tensors[k] = f.detach().double()
+        for k, t in smooth.items():
+            ir.extra_tensors[k] = t.detach().double().exp()
         return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, "seconds": round(seconds, 1),
                                  "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4),
                                  "learned_under": under, "r4": "learned" if r4_learned else r4})
@@ -194,7 +224,7 @@ class LearnRotations(Pass):
             return seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)]
         return loss_on, batch_at, [quant.text(), *simulated]
 
-    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s):
+    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s, smooth):
         """loss=local: the quantized inputs the rotations act on, recorded once from the float model,
         and a loss that needs no forward pass. Each term is the output error quantization causes at
         the linears reading a value, relative to their output: ||(Q(X R) R^T - X) W^T||^2 / ||X W^T||^2,
@@ -219,23 +249,31 @@ class LearnRotations(Pass):
                 terms.append((n.output, None, _out_energy(torch.cat(ws)), lambda x: quant_a(x @ r1) @ r1.T, None))
         home = {id(b.attention): b.norm.input for b in s.blocks if b.attention} | \
             {id(b.mlp): b.norm.input for b in s.blocks if b.mlp}   # the residual a block's output is added to
-        for att, r2 in zip(s.attentions, r2s):
+        for i, (att, r2) in enumerate(zip(s.attentions, r2s)):
             wo = ir.tensor(att.o.weight).float()
+            sv = smooth.setdefault(smooth_v(i), torch.zeros(att.v_rows[1] - att.v_rows[0], requires_grad=True)) \
+                if c.smooth else None
+            rep = att.n_heads // att.n_kv_heads
             if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
                 heads = wo.reshape(len(wo), -1, att.head_dim)
                 g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
                 gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
                 terms.append((att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
-                              lambda x, r2=r2, k=kv.config: _per_head(x, r2, lambda y: quantize_tokens_lsq(
+                              _scaled(lambda x, r2=r2, k=kv.config: _per_head(x, r2, lambda y: quantize_tokens_lsq(
                                   y.unflatten(-1, (-1, len(r2))), k.bits, k.group, k.sym, k.clip).flatten(-2)),
+                                  sv, 1, att.head_dim),
                               home[id(att)]))
             if "o" not in skip:
-                terms.append((att.o.node.args[0], None, _out_energy(wo), lambda x, r2=r2: _per_head(x, r2, quant_a),
+                terms.append((att.o.node.args[0], None, _out_energy(wo),
+                              _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv, rep, att.head_dim),
                               home[id(att)]))
         if "down" not in skip:
-            for m, (a4, b4) in zip(s.mlps, r4s):
+            for i, (m, (a4, b4)) in enumerate(zip(s.mlps, r4s)):
+                sd = smooth.setdefault(smooth_down(i), torch.zeros(m.down.in_features, requires_grad=True)) \
+                    if c.smooth and m.gate is not None and not m.fused_gate_up else None
                 terms.append((m.down.node.args[0], None, _out_energy(ir.tensor(m.down.weight).float()),
-                              lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4, inverse=True),
+                              _scaled(lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4,
+                                                                          inverse=True), sd),
                               home[id(m)]))
         residuals = {t[4] for t in terms if t[4] is not None}
         nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals)))
@@ -280,7 +318,7 @@ class LearnRotations(Pass):
         f = path / "extras.safetensors"
         if not f.is_file():
             raise PassFailure(f"load={path}: no learned rotations there (no extras.safetensors)")
-        found = {k: v for k, v in load_file(f).items() if k.startswith("rotations.")}
+        found = {k: v for k, v in load_file(f).items() if k.startswith(("rotations.", "smooth."))}
         d = ir.tensor(s.embedding_weight).shape[1]
         if LEARNED_R1 not in found or tuple(found[LEARNED_R1].shape) != (d, d):
             raise PassFailure(f"load={path}: no {d}x{d} R1 for this model")

@@ -54,17 +54,17 @@ RECIPES: dict[str, tuple[str, str]] = {
                 "random Hadamard rotations, int4 GPTQ weights, 8-bit per-token dynamic activations and KV cache "
                 "(needs --calib)"),
     "w4a4kv4": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
-                "quantize-weights{method=gptq,bits=4,group=128,sym=false},"
-                "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95}",
-                "QuaRot-style: random Hadamard rotations, int4 GPTQ weights, 4-bit activations and KV cache "
-                "(needs --calib)"),
-    "w4a4kv4-learned": ("fold-norms,learn-rotations{steps=200,batch=1,seq=256,calib=64,lr=0.0,decay=true,loss=local},"
-                        "fuse-rotations{kind=learned},insert-hadamard{kind=learned},"
-                        "quantize-weights{method=gptq,bits=4,group=128,sym=false},"
-                        "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95}",
-                        "SpinQuant-style: R1/R2 and an online Kronecker-factored R4 learned against the 4-bit activation "
-                        "and KV quantizers (each linear's output error, recorded inputs), then int4 GPTQ weights "
-                        "(needs --calib)"),
+                "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
+                "quantize-weights{method=gptq,bits=4,group=128,sym=false}",
+                "QuaRot-style: random Hadamard rotations, 4-bit activations and KV cache, int4 GPTQ weights "
+                "calibrated on the 4-bit inputs (needs --calib)"),
+    "w4a4kv4-learned": ("fold-norms,learn-rotations{steps=200,batch=1,seq=256,calib=64,lr=0.0,decay=true,loss=local,"
+                        "smooth=true},fuse-rotations{kind=learned},insert-hadamard{kind=learned},"
+                        "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
+                        "quantize-weights{method=gptq,bits=4,group=128,sym=false}",
+                        "SpinQuant-style: R1/R2, an online Kronecker-factored R4 and per-channel scales on the values "
+                        "and down inputs learned against the 4-bit activation and KV quantizers (each linear's output "
+                        "error, recorded inputs), then int4 GPTQ weights calibrated on the 4-bit inputs (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
 

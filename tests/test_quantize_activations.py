@@ -185,3 +185,29 @@ def test_learned_r4_is_exact_and_lowers_the_down_input_error(stories_ir):
     q = torch.kron(a, b)
     assert torch.allclose(q @ q.T, torch.eye(len(q), dtype=q.dtype), atol=1e-5)
     assert (q - hadamard_matrix(len(q)) / len(q) ** 0.5).abs().max() > 1e-3
+
+
+
+def test_learned_smoothing_scales_are_exact_and_lower_the_loss(stories_ir):
+    """learn-rotations{smooth=true}: per-channel scales on the values (v's rows / s, o's columns * s
+    through the GQA repeat) and on the down input (up's rows / s, down's columns * s), learned
+    with the rotations and fused exactly before them."""
+    need_data("tinystories", "train-head.txt")
+    calib = windows(stories_ir.tokenizer.encode(read_text(DATA / "tinystories" / "train-head.txt")), 512, 8 * 512)
+    pipe = ("fold-norms,learn-rotations{{steps=30,seq=128,batch=4,lr=0,decay=true,loss=local,smooth={}}},"
+            "fuse-rotations{{kind=learned}},insert-hadamard{{kind=learned}},quantize-activations{{bits=4,clip=0.9}},"
+            "quantize-kv{{bits=4,clip=0.95}}")
+    plain = copy.deepcopy(stories_ir)
+    PassManager(pipe.format("false")).run(plain, PassContext(calib=calib))
+    diff = NumericDiff(calib[:2, :64])
+    PassManager(pipe.format("true"), [diff]).run(stories_ir, PassContext(calib=calib))
+    assert diff.report[2]["pass"] == "fuse-rotations{kind=learned}" and diff.report[2]["rel_err"] < 1e-5
+    s = stories_ir.analysis
+    assert s.attentions[0].n_heads > s.attentions[0].n_kv_heads   # grouped-query: the repeat is exercised
+    assert stories_ir.stats[2]["smoothed"] == len(s.attentions) + len(s.mlps)
+    sd = stories_ir.extra_tensors["smooth.down.0"]
+    assert sd.shape == (s.mlps[0].down.in_features,) and (sd.log().abs().max() > 0.05)
+    # measured: probe loss 0.0078 -> 0.0060 without the scales, -> 0.0057 with them
+    assert stories_ir.stats[1]["probe_loss_after"] < plain.stats[1]["probe_loss_after"]
+    with pytest.raises(PipelineError, match="smooth=true is learned by loss=local only"):
+        PassManager("learn-rotations{smooth=true}")
