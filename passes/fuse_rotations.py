@@ -28,6 +28,12 @@ def smooth_down(layer: int) -> str:
     return f"smooth.down.{layer}"
 
 
+def per_query_head(values, a):
+    """A per-channel vector over an attention's values [kv_heads * head_dim], repeated for the query
+    heads reading each value head (grouped-query attention): [heads * head_dim], o_proj's input."""
+    return values.view(-1, a.head_dim).repeat_interleave(a.n_heads // a.n_kv_heads, 0).flatten()
+
+
 def learned_r2(layer: int) -> str:
     return f"rotations.R2.{layer}"
 
@@ -160,7 +166,7 @@ class FuseRotations(Pass):
             scale(a.v.weight, inv, 0)
             if a.v.bias:
                 scale(a.v.bias, inv, -1)
-            scale(a.o.weight, sv.view(-1, a.head_dim).repeat_interleave(a.n_heads // a.n_kv_heads, 0).flatten(), -1)
+            scale(a.o.weight, per_query_head(sv, a), -1)
             n += 1
         for i, m in enumerate(s.mlps):
             sd = ir.extra_tensors.get(smooth_down(i))

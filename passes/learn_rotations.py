@@ -15,7 +15,7 @@ from lowbit.ir.quant import QuantSpec, fake_quantize, quantize_tokens_lsq
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
 from .quantize_activations import linear_roles
 from .fuse_rotations import (LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors,
-                             smooth_down, smooth_v)
+                             per_query_head, smooth_down, smooth_v)
 from .insert_hadamard import learned_r4
 
 
@@ -46,16 +46,14 @@ def _per_head(x, r2, quant):
 SMOOTH_LR = 0.01   # Adam's step on the log-scales
 
 
-def _scaled(err, log_s, rep: int = 1, head_dim: int = 1):
-    """err with its input divided per channel by exp(log_s) and its output multiplied back (no
-    scales: err itself). `rep`: the value scales repeat per query head (grouped-query attention)."""
+def _scaled(err, log_s, expand=lambda s: s):
+    """err with its input divided per channel by exp(log_s) (widened by `expand`) and its output
+    multiplied back; no scales: err itself."""
     if log_s is None:
         return err
 
     def f(x):
-        s = log_s.exp()
-        if rep > 1:
-            s = s.view(-1, head_dim).repeat_interleave(rep, 0).flatten()
+        s = expand(log_s.exp())
         return err(x / s) * s
     return f
 
@@ -253,7 +251,6 @@ class LearnRotations(Pass):
             wo = ir.tensor(att.o.weight).float()
             sv = smooth.setdefault(smooth_v(i), torch.zeros(att.v_rows[1] - att.v_rows[0], requires_grad=True)) \
                 if c.smooth else None
-            rep = att.n_heads // att.n_kv_heads
             if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
                 heads = wo.reshape(len(wo), -1, att.head_dim)
                 g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
@@ -261,11 +258,12 @@ class LearnRotations(Pass):
                 terms.append((att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
                               _scaled(lambda x, r2=r2, k=kv.config: _per_head(x, r2, lambda y: quantize_tokens_lsq(
                                   y.unflatten(-1, (-1, len(r2))), k.bits, k.group, k.sym, k.clip).flatten(-2)),
-                                  sv, 1, att.head_dim),
+                                  sv),
                               home[id(att)]))
             if "o" not in skip:
                 terms.append((att.o.node.args[0], None, _out_energy(wo),
-                              _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv, rep, att.head_dim),
+                              _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv,
+                                      lambda v, att=att: per_query_head(v, att)),
                               home[id(att)]))
         if "down" not in skip:
             for i, (m, (a4, b4)) in enumerate(zip(s.mlps, r4s)):
