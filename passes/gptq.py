@@ -10,15 +10,16 @@ from lowbit.ir.quant import QuantSpec, fit_groups
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
-         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         block: int = 128, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize W [N, K] given H = 2 X^T X / n [K, K]; returns (codes [N, K], scale [N, G], zero [N, G]).
 
     Static groups: scales and zero points come from the original W's groups, so with act_order
     (columns visited by decreasing H diagonal) the stored layout is the plain group layout and
-    costs nothing at inference. Dampening adds damp * mean(diag H) to the diagonal."""
+    costs nothing at inference. Dampening adds damp * mean(diag H) to the diagonal. clip: each group's
+    range is the MSE-best shrink of its min/max (as QuaRot's and SpinQuant's GPTQ do)."""
     w = w.double().clone()
     w[:, torch.diagonal(h) == 0] = 0                    # inputs that are always zero: free columns
-    scale, zero = fit_groups(w, spec)                   # static groups, fp16-rounded scales
+    scale, zero = fit_groups(w, spec, clip)             # static groups, fp16-rounded scales
     col_group = torch.arange(w.shape[1]) // spec.group_size(w.shape[1])
     qmax = (1 << spec.bits) - 1
 

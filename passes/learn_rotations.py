@@ -43,7 +43,7 @@ def _per_head(x, r2, quant):
     return (y.unflatten(-1, (-1, len(r2))) @ r2.T).flatten(-2)
 
 
-SMOOTH_LR = 0.01   # Adam's step on the log-scales
+SMOOTH_LR = 0.01   # Adam's step on the log-scales (0.03 measured worse on the SmolLM2 proxy: 37.48 vs 37.18)
 
 
 def _scaled(err, log_s, expand=lambda s: s):

@@ -99,7 +99,7 @@ class QuantizeWeights(Pass):
         bits: int = 4
         group: int = 128        # finequant: the smallest group it may choose; squeezellm: unused
         sym: bool = True
-        clip: bool = False      # MSE search of a per-group clipping ratio
+        clip: bool = False      # rtn, gptq: MSE search of a per-group clipping ratio
         lm_head: bool = False   # also quantize the output projection
         # gptq: dampening (fraction of mean diag H), column order by decreasing H diagonal with
         # static groups, inputs from already-quantized layers
@@ -113,6 +113,8 @@ class QuantizeWeights(Pass):
             if self.method not in METHODS:
                 raise ValueError(f"method '{self.method}' is not available (available: {', '.join(METHODS)})")
             QuantSpec(self.bits, self.group, self.sym)
+            if self.clip and self.method not in ("rtn", "gptq"):
+                raise ValueError(f"clip=true searches rtn/gptq group ranges; {self.method} fits its own")
             if self.method == "finequant" and self.bits not in (4, 8):
                 raise ValueError(f"finequant quantizes to int4 or int8, not {self.bits} bits")
             if self.method == "squeezellm" and self.bits > 4:
@@ -142,7 +144,7 @@ class QuantizeWeights(Pass):
         def store(lin, h=None):
             w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
             if c.method == "gptq":
-                codes, scale, zero = gptq(w, h, spec, c.damp, c.act_order)
+                codes, scale, zero = gptq(w, h, spec, c.damp, c.act_order, clip=c.clip)
                 st = stored_packed(packed_from_codes(codes, scale, zero, spec))
             elif c.method == "rtn":
                 st = stored_packed(pack_weight(w, spec, clip_search=c.clip))

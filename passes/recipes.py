@@ -55,16 +55,17 @@ RECIPES: dict[str, tuple[str, str]] = {
                 "(needs --calib)"),
     "w4a4kv4": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
                 "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
-                "quantize-weights{method=gptq,bits=4,group=128,sym=false}",
+                "quantize-weights{method=gptq,bits=4,group=128,sym=false,clip=true}",
                 "QuaRot-style: random Hadamard rotations, 4-bit activations and KV cache, int4 GPTQ weights "
-                "calibrated on the 4-bit inputs (needs --calib)"),
+                "(MSE-clipped group ranges) calibrated on the 4-bit inputs (needs --calib)"),
     "w4a4kv4-learned": ("fold-norms,learn-rotations{steps=200,batch=1,seq=256,calib=64,lr=0.0,decay=true,loss=local,"
                         "smooth=true},fuse-rotations{kind=learned},insert-hadamard{kind=learned},"
                         "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
-                        "quantize-weights{method=gptq,bits=4,group=128,sym=false}",
+                        "quantize-weights{method=gptq,bits=4,group=128,sym=false,clip=true}",
                         "SpinQuant-style: R1/R2, an online Kronecker-factored R4 and per-channel scales on the values "
                         "and down inputs learned against the 4-bit activation and KV quantizers (each linear's output "
-                        "error, recorded inputs), then int4 GPTQ weights calibrated on the 4-bit inputs (needs --calib)"),
+                        "error, recorded inputs), then int4 GPTQ weights (MSE-clipped group ranges) calibrated on the "
+                        "4-bit inputs (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
 

@@ -37,6 +37,21 @@ def test_gptq_output_error_below_rtn(bits, group, sym, act_order):
     assert torch.equal(scale, s) and torch.equal(zero, z)
 
 
+def test_gptq_clip_searches_the_static_group_ranges():
+    x, _, h = _layer()
+    # heavy-tailed weights, where a full min/max range wastes codes on a few values
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 96, generator=g, dtype=torch.float64) * torch.randn(48, 96, generator=g, dtype=torch.float64).exp()
+    spec = QuantSpec(3, -1, False)
+    err = {}
+    for clip in (False, True):
+        codes, scale, zero = gptq(w, h, spec, clip=clip)
+        s, z = fit_groups(w, spec, clip_search=clip)
+        assert torch.equal(scale, s) and torch.equal(zero, z)
+        err[clip] = (x @ (dequantize_codes(codes, scale, zero, spec) - w).T).pow(2).sum().item()
+    assert err[True] < 0.95 * err[False]    # measured 0.89 (0.88-0.94 over seeds)
+
+
 def test_gptq_pass_beats_rtn_on_stories(stories_ir):
     need_data("tinystories", "train-head.txt")
     tok = stories_ir.tokenizer

@@ -65,6 +65,12 @@ def test_nan_weight_is_reported_with_node():
         PassManager("fold-norms,quantize-weights").run(ir)
 
 
+def test_clip_is_refused_where_the_method_fits_its_own_ranges():
+    for method in ("finequant", "squeezellm"):
+        with pytest.raises(ValueError, match=f"clip=true searches rtn/gptq group ranges; {method}"):
+            q(method=method, clip=True)
+
+
 def test_bits_per_weight_counts_scales_and_zeros():
     ir, _ = tiny_ir("llama")
     res = q(bits=4, group=32, sym=False).run(ir, PassContext())
