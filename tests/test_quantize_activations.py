@@ -187,7 +187,6 @@ def test_learned_r4_is_exact_and_lowers_the_down_input_error(stories_ir):
     assert (q - hadamard_matrix(len(q)) / len(q) ** 0.5).abs().max() > 1e-3
 
 
-
 def test_learned_smoothing_scales_are_exact_and_lower_the_loss(stories_ir):
     """learn-rotations{smooth=true}: per-channel scales on the values (v's rows / s, o's columns * s
     through the GQA repeat) and on the down input (up's rows / s, down's columns * s), learned
