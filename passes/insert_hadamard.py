@@ -13,6 +13,11 @@ _OP = hadamard._opoverload
 _KRON = rotate_kron._opoverload
 
 
+def learned_r3(layer: int) -> str:
+    """Where learn-rotations leaves attention `layer`'s R3 (head_dim x head_dim) for kind=learned."""
+    return f"rotations.R3.{layer}"
+
+
 def learned_r4(layer: int) -> tuple[str, str]:
     """Where learn-rotations leaves layer `layer`'s R4 factors (A, B; R4 = A kron B) for kind=learned."""
     return f"rotations.R4.{layer}.a", f"rotations.R4.{layer}.b"
@@ -21,14 +26,15 @@ def learned_r4(layer: int) -> tuple[str, str]:
 @register
 class InsertHadamard(Pass):
     """Online Hadamard transforms: R4 on the MLP down projection's input (inverse fused), R3 on q and k after RoPE.
-    kind=learned: R4 is the Kronecker-factored rotation learn-rotations{loss=local} learned per layer."""
+    kind=learned: R4 is the Kronecker-factored rotation and R3 the head_dim rotation learn-rotations{loss=local}
+    learned per layer."""
     name = "insert-hadamard"
 
     @dataclass(frozen=True)
     class Config:
         r3: bool = True
         r4: bool = True
-        kind: str = "hadamard"   # of R4: hadamard | learned
+        kind: str = "hadamard"   # of R3 and R4: hadamard | learned
 
         def __post_init__(self):
             if self.kind not in ("hadamard", "learned"):
@@ -73,16 +79,25 @@ class InsertHadamard(Pass):
                 h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
                 r4 += 1
         if self.config.r3:
-            for a in s.attentions:
+            for i, a in enumerate(s.attentions):
+                targets = ()
+                if self.config.kind == "learned":   # as rotate_kron with A = R3, B = [1]
+                    if learned_r3(i) not in ir.extra_tensors:
+                        raise PassFailure(f"no learned R3 for attention {i}: insert-hadamard{{kind=learned}} needs "
+                                          "learn-rotations{loss=local} before it", a.sdpa)
+                    targets = [a.k.weight.rpartition(".")[0] + t for t in (".r3_a", ".r3_b")]
+                    ir.set_tensor(targets[0], ir.extra_tensors[learned_r3(i)].float())
+                    ir.set_tensor(targets[1], torch.ones(1, 1))
                 for rope, what in ((a.rope_q, "q"), (a.rope_k, "k")):
                     if rope is None:
                         raise PassFailure(f"no RoPE found on the {what} path: R3 goes after RoPE", a.sdpa)
-                    if any(u.target is _OP for u in rope.users):
+                    if any(u.target in (_OP, _KRON) for u in rope.users):
                         continue
-                    if not supported(a.head_dim):
+                    if not targets and not supported(a.head_dim):
                         raise PassFailure(f"no Hadamard transform of order {a.head_dim} (head_dim)", rope)
-                    # q H and k H cancel inside q k^T: exact, and the cached keys are rotated
-                    h = self._insert_after(ir, rope)
+                    # q R3 and k R3 cancel inside q k^T: exact, and the cached keys are rotated
+                    h = self._insert_after(ir, rope, op=_KRON, tensors=targets) if targets else \
+                        self._insert_after(ir, rope)
                     h.meta[meta.TYPE] = rope.meta.get(meta.TYPE, "")
                     r3 += 1
         if not (r3 or r4):

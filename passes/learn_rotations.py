@@ -16,7 +16,7 @@ from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
 from .quantize_activations import linear_roles
 from .fuse_rotations import (LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors,
                              per_query_head, smooth_down, smooth_v)
-from .insert_hadamard import learned_r4
+from .insert_hadamard import learned_r3, learned_r4
 
 
 def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4, norms=()) -> list[torch.Tensor]:
@@ -28,13 +28,23 @@ def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4, norms=()) -
         def run_node(self, n):
             out = super().run_node(n)
             if n in want:
-                rows = out.detach().float().reshape(-1, out.shape[-1])
+                v = out.detach().float()
+                if v.dim() == 4:   # [batch, heads, seq, head_dim]: one row per token, heads side by side
+                    v = v.transpose(1, 2).flatten(-2)
+                rows = v.reshape(-1, v.shape[-1])
                 want[n].append(rows.square().sum(-1) if n in norms else rows)
             return out
     with torch.no_grad():
         for i in tqdm(range(0, len(seqs), batch), desc="learn-rotations: recording", disable=not progress, leave=False):
             Recorder(gm).run(seqs[i: i + batch])
     return [torch.cat(want.pop(n)) for n in nodes]   # one node's chunks and its copy at a time: peak ~ the total once
+
+
+def _per_head_fn(r, k):
+    """x -> each head rotated by r, quantized per token and head group as quantize-kv (config k) stores
+    it, rotated back."""
+    return lambda x: _per_head(x, r, lambda y: quantize_tokens_lsq(
+        y.unflatten(-1, (-1, len(r))), k.bits, k.group, k.sym, k.clip).flatten(-2))
 
 
 def _per_head(x, r2, quant):
@@ -132,10 +142,10 @@ class LearnRotations(Pass):
         if r2_on:
             for a in s.attentions:
                 check_head_path(a)
-        h4 = next((e.config for e in ctx.later if e.pass_cls.name == "insert-hadamard" and e.config.r4), None)
-        r4, r4_learned = h4 is not None, h4 is not None and h4.kind == "learned"
-        if r4_learned and c.loss != "local":
-            raise PassFailure("insert-hadamard{kind=learned} follows: R4 is learned by loss=local only")
+        h = next((e.config for e in ctx.later if e.pass_cls.name == "insert-hadamard"), None)
+        r4, online_learned = h is not None and h.r4, h is not None and h.kind == "learned"
+        if online_learned and c.loss != "local":
+            raise PassFailure("insert-hadamard{kind=learned} follows: R3 and R4 are learned by loss=local only")
         seqs = ctx.calib[:, : ctx.calib.shape[1] // c.seq * c.seq].reshape(-1, c.seq)[: c.calib]
         if len(seqs) == 0:
             raise PassFailure(f"calibration windows are shorter than seq={c.seq}")
@@ -145,13 +155,16 @@ class LearnRotations(Pass):
         r2s = [_start(a.head_dim, c.seed + 1 + i).float().requires_grad_() for i, a in enumerate(s.attentions)] \
             if r2_on else []
         r4s = [[f.float().requires_grad_() for f in kron_hadamard(m.down.in_features)] for m in s.mlps] \
-            if r4_learned else []
+            if online_learned and r4 else []
+        r3s = [(hadamard_matrix(a.head_dim) / math.sqrt(a.head_dim) if supported(a.head_dim)
+                else random_orthogonal(a.head_dim, c.seed)).float().requires_grad_() for a in s.attentions] \
+            if online_learned and h.r3 else []   # from insert-hadamard's own R3
         smooth = {}   # extra-tensor key -> log-scale, learned by Adam beside the rotations
         if c.loss == "local":
-            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth)
+            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s)
         else:
             loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s, quant[0], r4)
-        learned = [r1, *r2s, *[f for ab in r4s for f in ab]]
+        learned = [r1, *r2s, *[f for ab in r4s for f in ab], *r3s]
         probe = batch_at(0)   # a fixed batch, for a before/after loss that compares like with like
         with torch.no_grad():
             before = loss_on(probe).item()
@@ -178,11 +191,14 @@ class LearnRotations(Pass):
         for i, ab in enumerate(r4s):
             for k, f in zip(learned_r4(i), ab):
                 ir.extra_tensors[k] = f.detach().double()
+        for i, r in enumerate(r3s):
+            ir.extra_tensors[learned_r3(i)] = r.detach().double()
         for k, t in smooth.items():
             ir.extra_tensors[k] = t.detach().double().exp()
         return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, "seconds": round(seconds, 1),
                                  "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4),
-                                 "learned_under": under, "r4": "learned" if r4_learned else r4})
+                                 "learned_under": under, "r4": "learned" if r4s else r4,
+                                 "r3": "learned" if r3s else None})
 
     def _end_to_end(self, ir, s, ctx, seqs, r1, r2s, quant, r4):
         """loss=ce: the model's next-token loss on calibration batches, with the rotations fused
@@ -222,7 +238,7 @@ class LearnRotations(Pass):
             return seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)]
         return loss_on, batch_at, [quant.text(), *simulated]
 
-    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s, smooth):
+    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s=()):
         """loss=local: the quantized inputs the rotations act on, recorded once from the float model,
         and a loss that needs no forward pass. Each term is the output error quantization causes at
         the linears reading a value, relative to their output: ||(Q(X R) R^T - X) W^T||^2 / ||X W^T||^2,
@@ -230,7 +246,9 @@ class LearnRotations(Pass):
         R1: each block's norm output into the linears reading it. R2 (per attention, head by head):
         the values into the KV cache and the attention output into o, both read by o. R4 (if learned):
         each down projection's input. The o, value and down terms weight each token by 1 / ||h||^2, h
-        the residual their output is added to. Returns (loss, batch_at, what it ran under)."""
+        the residual their output is added to. R3 (if learned): the keys after RoPE into the KV cache,
+        their error read by the queries (q (k_hat - k)^T, through each group's query Gram matrix).
+        Returns (loss, batch_at, what it ran under)."""
         c = self.config
         act = next((e for e in ctx.later if e.pass_cls.name == "quantize-activations"), None)
         if act is None:
@@ -256,15 +274,18 @@ class LearnRotations(Pass):
                 g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
                 gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
                 terms.append((att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
-                              _scaled(lambda x, r2=r2, k=kv.config: _per_head(x, r2, lambda y: quantize_tokens_lsq(
-                                  y.unflatten(-1, (-1, len(r2))), k.bits, k.group, k.sym, k.clip).flatten(-2)),
-                                  sv),
+                              _scaled(_per_head_fn(r2, kv.config), sv),
                               home[id(att)]))
             if "o" not in skip:
                 terms.append((att.o.node.args[0], None, _out_energy(wo),
                               _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv,
                                       lambda v, att=att: per_query_head(v, att)),
                               home[id(att)]))
+        grams = {}   # post-RoPE query node -> its attention, then (after recording) the keys' error metric
+        for att, r3 in zip(s.attentions, r3s if kv is not None else []):
+            grams[att.rope_q] = att
+            terms.append((att.rope_k, None, lambda e, q=att.rope_q: ((e @ grams[q]) * e).sum(-1),
+                          _per_head_fn(r3, kv.config), None))
         if "down" not in skip:
             for i, (m, (a4, b4)) in enumerate(zip(s.mlps, r4s)):
                 sd = smooth.setdefault(smooth_down(i), torch.zeros(m.down.in_features, requires_grad=True)) \
@@ -274,8 +295,11 @@ class LearnRotations(Pass):
                                                                           inverse=True), sd),
                               home[id(m)]))
         residuals = {t[4] for t in terms if t[4] is not None}
-        nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals)))
+        nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals) + list(grams)))
         values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress, norms=residuals)))
+        for qn, att in grams.items():   # each kv head's key error through its query heads' Gram matrix
+            q = values.pop(qn).unflatten(-1, (att.n_kv_heads, -1, att.head_dim))   # [tokens, kv head, query, hd]
+            grams[qn] = torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q))
         xs = [values[n] if sl is None else values[n][:, sl] for n, sl, _, _, _ in terms]
         # a token's error counts relative to the residual it is added to (the next norm divides by
         # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss

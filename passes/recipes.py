@@ -62,10 +62,10 @@ RECIPES: dict[str, tuple[str, str]] = {
                         "smooth=true},fuse-rotations{kind=learned},insert-hadamard{kind=learned},"
                         "quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
                         "quantize-weights{method=gptq,bits=4,group=128,sym=false,clip=true}",
-                        "SpinQuant-style: R1/R2, an online Kronecker-factored R4 and per-channel scales on the values "
-                        "and down inputs learned against the 4-bit activation and KV quantizers (each linear's output "
-                        "error, recorded inputs), then int4 GPTQ weights (MSE-clipped group ranges) calibrated on the "
-                        "4-bit inputs (needs --calib)"),
+                        "SpinQuant-style: R1/R2, online R3 (keys) and Kronecker-factored R4, and per-channel scales "
+                        "on the values and down inputs learned against the 4-bit activation and KV quantizers (each "
+                        "linear's output error, recorded inputs), then int4 GPTQ weights (MSE-clipped group ranges) "
+                        "calibrated on the 4-bit inputs (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
 

@@ -10,13 +10,14 @@ from lowbit.ir.hadamard import hadamard_matrix, random_hadamard
 from lowbit.ir.quant import quantize_tokens, quantize_tokens_lsq
 from lowbit.passes import PassContext, PassManager, PipelineError
 from lowbit.passes.fuse_rotations import learned_r2
-from lowbit.passes.insert_hadamard import learned_r4
+from lowbit.passes.insert_hadamard import learned_r3, learned_r4
 from lowbit.passes.instruments import NumericDiff, sqnr_db
 from lowbit.tools.evaluate import read_text, windows
 from models import DATA, need_data, tiny_ir
 
 Q = torch.ops.lowbit.quantize_tokens.default
 HAD = torch.ops.lowbit.hadamard.default
+KRON = torch.ops.lowbit.rotate_kron.default
 
 
 @pytest.mark.parametrize("bits,group,sym", [(8, -1, False), (4, -1, False), (4, 16, True), (8, 32, True)])
@@ -167,7 +168,7 @@ def test_learned_r4_is_exact_and_lowers_the_down_input_error(stories_ir):
     x = calib[:2, :64]
     with pytest.raises(PipelineError, match="needs learn-rotations"):
         PassManager("fold-norms,insert-hadamard{kind=learned}").run(copy.deepcopy(stories_ir))
-    with pytest.raises(PipelineError, match="R4 is learned by loss=local only"):
+    with pytest.raises(PipelineError, match="R3 and R4 are learned by loss=local only"):
         PassManager("fold-norms,learn-rotations,fuse-rotations{kind=learned},insert-hadamard{kind=learned},"
                     "quantize-weights{bits=4}").run(copy.deepcopy(stories_ir), PassContext(calib=calib))
     diff = NumericDiff(x)
@@ -179,12 +180,37 @@ def test_learned_r4_is_exact_and_lowers_the_down_input_error(stories_ir):
     # measured: 0.0142 -> 0.0095
     assert learn["r4"] == "learned" and learn["probe_loss_after"] < 0.85 * learn["probe_loss_before"]
     count = lambda op: sum(n.target is op for n in stories_ir.graph.nodes)   # noqa: E731
-    s = stories_ir.analysis   # R4 learned in every layer, the Hadamard only as R3 (q and k)
-    assert count(torch.ops.lowbit.rotate_kron.default) == len(s.mlps) and count(HAD) == 2 * len(s.attentions)
+    s = stories_ir.analysis   # R4 learned in every layer; R3 (q and k) placed too, left at H_hd: no key quantizer
+    assert count(KRON) == len(s.mlps) + 2 * len(s.attentions) and count(HAD) == 0
+    r3 = stories_ir.extra_tensors[learned_r3(0)]
+    assert torch.equal(r3, (hadamard_matrix(len(r3)) / len(r3) ** 0.5).float().double())
     a, b = (stories_ir.extra_tensors[k] for k in learned_r4(0))
     q = torch.kron(a, b)
     assert torch.allclose(q @ q.T, torch.eye(len(q), dtype=q.dtype), atol=1e-5)
     assert (q - hadamard_matrix(len(q)) / len(q) ** 0.5).abs().max() > 1e-3
+
+
+def test_learned_r3_is_exact_and_lowers_the_key_error(stories_ir):
+    """insert-hadamard{kind=learned} also places each attention's learned R3 after RoPE on q and k
+    (exact: it cancels in q k^T); with R2 off and every linear input skipped, the probe loss is the
+    key cache's error as the queries read it, and learning R3 from H_hd lowers it."""
+    need_data("tinystories", "train-head.txt")
+    calib = windows(stories_ir.tokenizer.encode(read_text(DATA / "tinystories" / "train-head.txt")), 512, 8 * 512)
+    diff = NumericDiff(calib[:2, :64])
+    PassManager("fold-norms,learn-rotations{steps=40,seq=128,batch=4,lr=0,decay=true,loss=local},"
+                "fuse-rotations{kind=learned,r2=false},insert-hadamard{kind=learned},"
+                "quantize-activations{bits=4,skip=qkv|o|up|down},quantize-kv{bits=4,clip=0.95}",
+                [diff]).run(stories_ir, PassContext(calib=calib))
+    assert diff.report[3]["pass"] == "insert-hadamard{kind=learned}" and diff.report[3]["rel_err"] < 1e-5
+    learn = stories_ir.stats[1]
+    # measured: 0.0174 -> 0.0068
+    assert learn["r3"] == "learned" and learn["probe_loss_after"] < 0.9 * learn["probe_loss_before"]
+    s = stories_ir.analysis
+    count = lambda op: sum(n.target is op for n in stories_ir.graph.nodes)   # noqa: E731
+    assert count(HAD) == 0 and count(KRON) == len(s.mlps) + 2 * len(s.attentions)
+    r3 = stories_ir.extra_tensors[learned_r3(0)]
+    assert torch.allclose(r3 @ r3.T, torch.eye(len(r3), dtype=r3.dtype), atol=1e-5)
+    assert (r3 - hadamard_matrix(len(r3)) / len(r3) ** 0.5).abs().max() > 1e-3
 
 
 def test_learned_smoothing_scales_are_exact_and_lower_the_loss(stories_ir):
