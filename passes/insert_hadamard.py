@@ -96,8 +96,7 @@ class InsertHadamard(Pass):
                     if not targets and not supported(a.head_dim):
                         raise PassFailure(f"no Hadamard transform of order {a.head_dim} (head_dim)", rope)
                     # q R3 and k R3 cancel inside q k^T: exact, and the cached keys are rotated
-                    h = self._insert_after(ir, rope, op=_KRON, tensors=targets) if targets else \
-                        self._insert_after(ir, rope)
+                    h = self._insert_after(ir, rope, op=_KRON if targets else _OP, tensors=targets)
                     h.meta[meta.TYPE] = rope.meta.get(meta.TYPE, "")
                     r3 += 1
         if not (r3 or r4):

@@ -281,9 +281,9 @@ class LearnRotations(Pass):
                               _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv,
                                       lambda v, att=att: per_query_head(v, att)),
                               home[id(att)]))
-        grams = {}   # post-RoPE query node -> its attention, then (after recording) the keys' error metric
+        queries, grams = {}, {}   # post-RoPE query node -> its attention; -> the keys' error metric (after recording)
         for att, r3 in zip(s.attentions, r3s if kv is not None else []):
-            grams[att.rope_q] = att
+            queries[att.rope_q] = att
             terms.append((att.rope_k, None, lambda e, q=att.rope_q: ((e @ grams[q]) * e).sum(-1),
                           _per_head_fn(r3, kv.config), None))
         if "down" not in skip:
@@ -295,9 +295,9 @@ class LearnRotations(Pass):
                                                                           inverse=True), sd),
                               home[id(m)]))
         residuals = {t[4] for t in terms if t[4] is not None}
-        nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals) + list(grams)))
+        nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals) + list(queries)))
         values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress, norms=residuals)))
-        for qn, att in grams.items():   # each kv head's key error through its query heads' Gram matrix
+        for qn, att in queries.items():   # each kv head's key error through its query heads' Gram matrix
             q = values.pop(qn).unflatten(-1, (att.n_kv_heads, -1, att.head_dim))   # [tokens, kv head, query, hd]
             grams[qn] = torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q))
         xs = [values[n] if sl is None else values[n][:, sl] for n, sl, _, _, _ in terms]
