@@ -9,7 +9,6 @@ LutMatMul, SparseMatMul) for the TensorRT plugins. Online Hadamards and learned
 Kronecker rotations, activation and KV quantizers become standard ops in every flavor but trt's Hadamard."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 import tempfile
@@ -18,81 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.ir import hadamard, kernels  # noqa: F401  (kernels registers lowbit.matmul_nbits)
+from lowbit.ir import formats, hadamard
+from lowbit.ir.formats.base import FLOATS, register_lowbit_schema
+from lowbit.ir.formats.base import onnx_const as _const
 from lowbit.ir.errors import LowbitError
 
 FLAVORS = {"ort": "onnx-ort", "qdq": "onnx-qdq", "trt": "trt"}   # flavor -> lower-kernels target
 
 
-@functools.cache
-def _register_matmul_nbits_schema():
-    """onnxscript needs an operator schema to emit a node; onnx ships none for onnxruntime's
-    contrib ops, so MatMulNBits' (as onnxruntime documents it) is registered once."""
-    from onnx import defs
-    P, opt = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption.Optional
-    A, INT = defs.OpSchema.Attribute, defs.OpSchema.AttrType.INT
-    defs.register_schema(defs.OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=opt),
-                P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
-        outputs=[P("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
-                          ("T4", ["tensor(int32)"], "")],
-        attributes=[A("K", INT, ""), A("N", INT, ""), A("bits", INT, ""), A("block_size", INT, ""),
-                    A("accuracy_level", INT, "", required=False)]))
-
-
-@functools.cache
-def _register_lowbit_schemas():
-    """The `lowbit` ONNX domain (flavor trt): nodes the CUDA plugins implement, over lowbit's own
-    packed layouts (ir/quant.py)."""
-    from onnx import defs
-    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
-    INT = defs.OpSchema.AttrType.INT
-    f = ("T", ["tensor(float)", "tensor(float16)"], "")
-    for name, inputs, attrs, cons in (
-            ("Hadamard", [P("X", "T")], [], [f]),
-            ("LutMatMul", [P("X", "T"), P("qweight", "U"), P("lut", "L")], [A("bits", INT, ""), A("K", INT, "")],
-             [f, ("U", ["tensor(uint8)"], ""), ("L", ["tensor(float16)", "tensor(float)"], "")]),
-            ("SparseMatMul", [P("X", "T"), P("crow", "I"), P("col", "I"), P("val", "V")], [A("N", INT, "")],
-             [f, ("I", ["tensor(int32)"], ""), ("V", ["tensor(float16)", "tensor(float)"], "")])):
-        defs.register_schema(defs.OpSchema(name, "lowbit", 1, inputs=inputs, outputs=[P("Y", "T")],
-                                           type_constraints=cons, attributes=attrs))
-
-
 def _translations(flavor: str = "ort", accuracy_level: int = 0):
     import onnxscript
-    from onnxscript import opset23 as op
-    _register_matmul_nbits_schema()
-    _register_lowbit_schemas()
-    msft = onnxscript.values.Opset("com.microsoft", 1)
-    lb = onnxscript.values.Opset("lowbit", 1)
     L = torch.ops.lowbit
-
-    def matmul_nbits(x, b, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
-        return msft.MatMulNBits(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
-                                accuracy_level=accuracy_level)
-
-    def dequantize_blocked(codes, scales, zero_points, block_size: int):
-        return op.DequantizeLinear(codes, scales, zero_points, axis=0, block_size=block_size)
-
-    def gather_lut(codes, lut):
-        return op.GatherElements(op.Cast(lut, to=1), op.Cast(codes, to=7), axis=1)
-
-    def scatter_add(w, index, val):
-        flat = op.Reshape(w, _const(np.array([-1], np.int64)))
-        out = op.ScatterElements(flat, op.Cast(index, to=7), op.Cast(val, to=1), axis=0, reduction="add")
-        return op.Reshape(out, op.Shape(w))
-
-    table = {L.matmul_nbits.default: matmul_nbits, L.dequantize_blocked.default: dequantize_blocked,
-             L.gather_lut.default: gather_lut, L.scatter_add.default: scatter_add,
-             L.hadamard.default: _hadamard, L.rotate_kron.default: _rotate_kron, L.quantize_tokens.default: _quantize_tokens,
-             L.kv_quantize.default: _kv_quantize, L.kv_dequantize.default: _kv_dequantize}
+    table = {L.hadamard.default: _hadamard, L.rotate_kron.default: _rotate_kron,
+             L.quantize_tokens.default: _quantize_tokens, L.kv_quantize.default: _kv_quantize,
+             L.kv_dequantize.default: _kv_dequantize, **formats.onnx_translations(flavor, accuracy_level)}
     if flavor == "trt":
-        table[L.hadamard.default] = lambda x: lb.Hadamard(x)
-        table[L.lut_matmul.default] = lambda x, q, lut, bits, K: lb.LutMatMul(x, q, lut, bits=bits, K=K)
-        table[L.sparse_matmul.default] = lambda x, crow, col, val, N: lb.SparseMatMul(x, crow, col, val, N=N)
+        register_lowbit_schema("Hadamard", (("X", "T", FLOATS),))
+        table[L.hadamard.default] = lambda x: onnxscript.values.Opset("lowbit", 1).Hadamard(x)
     return table
 
 
@@ -134,12 +75,6 @@ def _hadamard_factors(n: int) -> list[np.ndarray]:
         p //= f
     mats[0] = mats[0] / math.sqrt(n)
     return [m.astype(np.float32) for m in mats]
-
-
-def _const(a):
-    import onnx_ir
-    from onnxscript import opset23 as op
-    return op.Constant(value=onnx_ir.tensor(np.asarray(a)))
 
 
 def _hadamard(x):
@@ -358,32 +293,33 @@ class OrtBackend:
         return torch.from_numpy(self.step(input_ids.numpy(), np.ones((b, s), np.int64), pos, self.empty_past(b))[0])
 
 
-def cached_export(spec: str, flavor: str = "ort", accuracy_level: int = 4, log=None) -> Path:
-    """The decoder ONNX of an artifact directory or a model spec (exported as is, in float),
-    exported once into the cache (~/.cache/lowbit/onnx) under a key of everything it depends on."""
+def cached_export(source, flavor: str = "ort", accuracy_level: int = 4, log=None) -> Path:
+    """The decoder ONNX of an artifact directory, or of a loaded IR (a model exported as is, in
+    float), exported once into the cache (~/.cache/lowbit/onnx) under a key of everything it
+    depends on: the artifact's manifest and graph or the model's hash, versions, the exporter's code."""
     import hashlib
     import json
 
-    from lowbit.ir.artifact import is_artifact, load_artifact
-    from lowbit.ir.load import cache_dir, load
-    from lowbit.tools.cli import _version
-    h = hashlib.sha256(json.dumps([flavor, accuracy_level, _version("lowbit"), _version("torch"),
-                                   _version("onnxscript")]).encode())
     from lowbit.ir import decoder
+    from lowbit.ir.artifact import load_artifact
+    from lowbit.ir.graph import IR
+    from lowbit.ir.load import cache_dir
+    from lowbit.ir.load import package_version as v
     from lowbit.passes import lower_kernels
-    for mod in (decoder, kernels, lower_kernels):   # the exporter's own code: a change re-exports
-        h.update(Path(mod.__file__).read_bytes())
+    h = hashlib.sha256(json.dumps([flavor, accuracy_level, v("lowbit"), v("torch"), v("onnxscript")]).encode())
+    for f in sorted(Path(formats.__file__).parent.glob("*.py")) + [Path(m.__file__) for m in (decoder, lower_kernels)]:
+        h.update(f.read_bytes())   # the exporter's own code: a change re-exports
     h.update(Path(__file__).read_bytes())
-    if is_artifact(spec):
-        for f in ("manifest.json", "graph.json"):
-            h.update((Path(spec) / f).read_bytes())
-        ir = None
+    if isinstance(source, IR):
+        h.update(source.info.source_hash.encode())
     else:
-        ir = load(spec)
-        h.update(ir.info.source_hash.encode())
+        for f in ("manifest.json", "graph.json"):
+            h.update((Path(source) / f).read_bytes())
     path = cache_dir() / "onnx" / h.hexdigest()[:20] / "model.onnx"
     if not path.exists():
+        name = source.info.source if isinstance(source, IR) else source
         if log:
-            log(f"exporting {spec} to ONNX (flavor {flavor}); cached as {path.parent}")
-        export_onnx(ir or load_artifact(spec), path, flavor, accuracy_level=accuracy_level)
+            log(f"exporting {name} to ONNX (flavor {flavor}); cached as {path.parent}")
+        export_onnx(source if isinstance(source, IR) else load_artifact(source), path, flavor,
+                    accuracy_level=accuracy_level)
     return path

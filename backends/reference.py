@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from lowbit.ir import quant
+from lowbit.ir import formats
 
-_WEIGHT_OPS = {quant.dequantize._opoverload, quant.dequantize_lut._opoverload, quant.sparse_add._opoverload}
+_WEIGHT_OPS = formats.DENSE_OPS | formats.ADDITIVE_OPS
 
 
 def fold_weights(ir) -> fx.GraphModule:

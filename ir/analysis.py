@@ -4,8 +4,8 @@ Found: the embedding and the residual stream (embedding -> residual adds -> fina
 lm_head); every RMSNorm (plain, or with the +1 offset of Gemma) with the linears it feeds;
 attention blocks (q/k/v/o linears, fused qkv, heads, kv heads, head_dim, q/k norms, the nodes
 where RoPE is applied); MLP blocks (gate/up/down, fused gate_up, activation).
-Linears are `aten.linear` nodes whose weight is a parameter or a `lowbit.dequantize` /
-`lowbit.dequantize_lut` of packed tensors, optionally plus a `lowbit.sparse_add` of outliers. A structure that does not fit raises StructureError naming the node."""
+Linears are `aten.linear` nodes whose weight is a parameter or a weight format's op over packed
+tensors (ir/formats), optionally plus an additive format's (sparse outliers). A structure that does not fit raises StructureError naming the node."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import meta, quant
+from . import formats, meta, quant
 from .errors import StructureError
 
 aten = torch.ops.aten
@@ -157,10 +157,10 @@ def _linear(n: fx.Node, ir) -> Linear:
     w = n.args[1]
     bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
     sparse = None
-    if _is(w, quant.sparse_add._opoverload):
+    if _is(w, *formats.ADDITIVE_OPS):
         sparse = tuple(a.target for a in w.args[1:4])
         w = w.args[0]
-    quantized = _is(w, quant.dequantize._opoverload, quant.dequantize_lut._opoverload)
+    quantized = _is(w, *formats.DENSE_OPS)
     if quantized:
         qweight, k = w.args[0], w.args[-1]
         out_f = ir.tensor(qweight.target).shape[0]
@@ -170,7 +170,7 @@ def _linear(n: fx.Node, ir) -> Linear:
         wname = w.target
     else:
         raise StructureError(n, "a linear whose weight is a parameter or a lowbit.dequantize of one "
-                                "(plus an optional lowbit.sparse_add)")
+                                "(plus optional sparse outliers)")
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         raise StructureError(n, "a linear whose bias is a parameter")
     return Linear(n, wname, bias.target if bias is not None else None, n.meta.get(meta.MODULE),

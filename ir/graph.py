@@ -88,6 +88,40 @@ class IR:
         owner._parameters.pop(leaf, None)
         owner._buffers.pop(leaf, None)
 
+    def param(self, target: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        """Store `value` at `target` and return a get_attr node reading it."""
+        self.set_tensor(target, value)
+        return self.get_attr(target, before)
+
+    def insert(self, op, args, kwargs=None, *, before: fx.Node | None = None, after: fx.Node | None = None,
+               like: fx.Node | None = None, typ: str | None = None, replace: fx.Node | None = None,
+               swap: tuple | None = None) -> fx.Node:
+        """Insert a call of `op` before or after a node, with a debug handle (inherited from `like`)
+        and a type string `typ`, then rewire: `replace` moves every use of a node to
+        the new one and erases it (its module path and quantization metadata carry over); `swap`
+        = (old, users) makes `users` read the new node instead of `old` (users None: every user
+        but the new node)."""
+        like = like if like is not None else replace
+        point = self.graph.inserting_before(before) if before is not None else self.graph.inserting_after(after)
+        with point:
+            n = self.graph.call_function(op, tuple(args), kwargs or {})
+        if replace is not None:
+            n.meta.update({k: like.meta[k] for k in (meta.TYPE, meta.MODULE, meta.QUANT) if k in like.meta})
+        if typ is not None:
+            n.meta[meta.TYPE] = typ
+        self.stamp(n, like)
+        if replace is not None:
+            replace.replace_all_uses_with(n)
+            self.graph.erase_node(replace)
+        if swap is not None:
+            old, users = swap
+            if users is None:
+                old.replace_all_uses_with(n, delete_user_cb=lambda u: u is not n)
+            else:
+                for u in users:
+                    u.replace_input_with(old, n)
+        return n
+
     def get_attr(self, target: str, before: fx.Node) -> fx.Node:
         """A get_attr node for `target`, reusing an existing one when there is one."""
         for n in self.graph.nodes:

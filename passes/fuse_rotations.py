@@ -8,7 +8,7 @@ import torch.fx as fx
 from lowbit.ir import meta
 from lowbit.ir.hadamard import random_hadamard, random_orthogonal, supported
 
-from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
+from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
 
 aten = torch.ops.aten
 
@@ -100,6 +100,7 @@ def _note(node: fx.Node, text: str):
 class FuseRotations(Pass):
     """Rotate the residual stream (R1) and each head's values (R2) by orthogonal matrices fused into weights."""
     name = "fuse-rotations"
+    needs = (Needs("fold-norms"), Needs("learn-rotations", when=(("kind", "learned"),)))
 
     @dataclass(frozen=True)
     class Config:

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from lowbit.ir.quant import QuantSpec, fit_groups
+from lowbit.ir.formats.uniform import QuantSpec, fit_groups
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,

@@ -7,7 +7,7 @@ import torch
 from lowbit.ir import meta
 from lowbit.ir.hadamard import hadamard, hadamard_matrix, rotate_kron, supported
 
-from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
+from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
 
 _OP = hadamard._opoverload
 _KRON = rotate_kron._opoverload
@@ -29,6 +29,7 @@ class InsertHadamard(Pass):
     kind=learned: R4 is the Kronecker-factored rotation and R3 the head_dim rotation learn-rotations{loss=local}
     learned per layer."""
     name = "insert-hadamard"
+    needs = (Needs("learn-rotations", when=(("kind", "learned"),)),)
 
     @dataclass(frozen=True)
     class Config:
@@ -106,12 +107,7 @@ class InsertHadamard(Pass):
 
     @staticmethod
     def _insert_after(ir, x, only_user=None, op=_OP, tensors=()):
-        with ir.graph.inserting_after(x):
-            h = ir.graph.call_function(op, (x,))
+        """op(x, *tensors) after x, read by `only_user` or by every user of x."""
+        h = ir.insert(op, (x,), after=x, swap=(x, None if only_user is None else [only_user]))
         h.args = (x, *[ir.get_attr(t, h) for t in tensors])
-        ir.stamp(h)
-        if only_user is not None:
-            only_user.replace_input_with(x, h)
-        else:
-            x.replace_all_uses_with(h, delete_user_cb=lambda u: u is not h)
         return h

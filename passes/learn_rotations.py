@@ -4,19 +4,23 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lowbit.ir.formats.uniform import QuantSpec, fake_quantize
 from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, kron_rotate, random_hadamard, random_orthogonal, supported
-from lowbit.ir.quant import QuantSpec, fake_quantize, quantize_tokens_lsq
+from lowbit.ir.quant import quantize_tokens_lsq
 
-from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
-from .quantize_activations import linear_roles
-from .fuse_rotations import (LEARNED_R1, check_head_path, check_rotatable, learned_r2, rotated_tensors,
-                             per_query_head, smooth_down, smooth_v)
-from .insert_hadamard import learned_r3, learned_r4
+from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
+from .fuse_rotations import (LEARNED_R1, FuseRotations, check_head_path, check_rotatable, learned_r2, per_query_head,
+                             rotated_tensors, smooth_down, smooth_v)
+from .insert_hadamard import InsertHadamard, learned_r3, learned_r4
+from .quantize_activations import QuantizeActivations, QuantizeKV, linear_roles
+from .quantize_weights import QuantizeWeights
 
 
 def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4, norms=()) -> list[torch.Tensor]:
@@ -51,6 +55,32 @@ def _per_head(x, r2, quant):
     """X [tokens, heads * head_dim] with each head rotated by R2, quantized by `quant`, rotated back."""
     y = quant((x.unflatten(-1, (-1, len(r2))) @ r2).flatten(-2))
     return (y.unflatten(-1, (-1, len(r2))) @ r2.T).flatten(-2)
+
+
+@dataclass
+class Term:
+    """One term of loss=local: the recorded value `node` (columns `cols` of it), e -> the output
+    energy an error e causes at the linears reading it (per row), the quantize-and-rotate-back
+    function `err` whose error is measured, and the residual stream value the readers' output is
+    added to (each token then weighted by 1 / ||h||^2), if any."""
+    node: fx.Node
+    cols: slice | None
+    energy: Callable
+    err: Callable
+    residual: fx.Node | None = None
+
+
+def _r1_terms(ir, s, a, quant_a, r1) -> list[Term]:
+    """R1: each block norm's output (and the final norm's, when lm_head's input is quantized) into
+    the linears reading it, unless their role is skipped."""
+    roles = linear_roles(s)
+    terms = []
+    for n in [b.norm for b in s.blocks] + ([s.final_norm] if a.lm_head else []):
+        ws = [ir.tensor(lin.weight).float() for lin in n.consumers
+              if roles.get(lin.node) not in a.skipped and (a.lm_head or lin is not s.lm_head)]
+        if ws:
+            terms.append(Term(n.output, None, _out_energy(torch.cat(ws)), lambda x: quant_a(x @ r1) @ r1.T))
+    return terms
 
 
 SMOOTH_LR = 0.01   # Adam's step on the log-scales (0.03 measured worse on the SmolLM2 proxy: 37.48 vs 37.18)
@@ -99,6 +129,10 @@ class LearnRotations(Pass):
     quantizers (loss=ce) or the output error the later activation/KV quantizers cause at each linear (loss=local).
     With a later insert-hadamard{kind=learned}, loss=local also learns each layer's online R4 (A kron B, from H_n)."""
     name = "learn-rotations"
+    needs = (Needs("fold-norms"), Needs("fuse-rotations", before=False, match=(("kind", "learned"),)),
+             Needs("quantize-weights", before=False, when=(("loss", "ce"), ("load", ""))),
+             Needs("quantize-activations", before=False, when=(("loss", "local"), ("load", ""))))
+    reads_later = (FuseRotations, InsertHadamard, QuantizeWeights, QuantizeActivations, QuantizeKV)
 
     @dataclass(frozen=True)
     class Config:
@@ -127,51 +161,70 @@ class LearnRotations(Pass):
         if LEARNED_R1 in ir.extra_tensors:
             return PassResult(False, {"already": True})
         s = ir.analysis
-        fuse = [e for e in ctx.later if e.pass_cls.name == "fuse-rotations" and e.config.kind == "learned"]
-        if not fuse:
-            raise PassFailure("no fuse-rotations{kind=learned} follows: the learned rotations would be unused")
         if c.load:
             return self._load(ir, s, Path(c.load))
-        quant = [e for e in ctx.later if e.pass_cls.name == "quantize-weights"]
-        if not quant and c.loss == "ce":
-            raise PassFailure("no quantize-weights follows: there is no quantization error to learn against")
         if ctx.calib is None:
             raise PassFailure("needs calibration text (compile --calib FILE)")
         check_rotatable(s)
-        r2_on = fuse[0].config.r2
-        if r2_on:
+        fuse = next(e for e in ctx.following(FuseRotations) if e.config.kind == "learned").config
+        if fuse.r2:
             for a in s.attentions:
                 check_head_path(a)
-        h = next((e.config for e in ctx.later if e.pass_cls.name == "insert-hadamard"), None)
+        h = next((e.config for e in ctx.following(InsertHadamard)), None)
         r4, online_learned = h is not None and h.r4, h is not None and h.kind == "learned"
         if online_learned and c.loss != "local":
             raise PassFailure("insert-hadamard{kind=learned} follows: R3 and R4 are learned by loss=local only")
         seqs = ctx.calib[:, : ctx.calib.shape[1] // c.seq * c.seq].reshape(-1, c.seq)[: c.calib]
         if len(seqs) == 0:
             raise PassFailure(f"calibration windows are shorter than seq={c.seq}")
-
-        d = ir.tensor(s.embedding_weight).shape[1]
-        r1 = _start(d, c.seed).float().requires_grad_()
-        r2s = [_start(a.head_dim, c.seed + 1 + i).float().requires_grad_() for i, a in enumerate(s.attentions)] \
-            if r2_on else []
-        r4s = [[f.float().requires_grad_() for f in kron_hadamard(m.down.in_features)] for m in s.mlps] \
-            if online_learned and r4 else []
-        r3s = [(hadamard_matrix(a.head_dim) / math.sqrt(a.head_dim) if supported(a.head_dim)
-                else random_orthogonal(a.head_dim, c.seed)).float().requires_grad_() for a in s.attentions] \
-            if online_learned and h.r3 else []   # from insert-hadamard's own R3
+        r1, r2s, r4s, r3s = self._starts(ir, s, fuse.r2, online_learned and r4, online_learned and h.r3)
         smooth = {}   # extra-tensor key -> log-scale, learned by Adam beside the rotations
         if c.loss == "local":
             loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s)
         else:
-            loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s, quant[0], r4)
+            loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s,
+                                                        ctx.following(QuantizeWeights)[0], r4)
         learned = [r1, *r2s, *[f for ab in r4s for f in ab], *r3s]
-        probe = batch_at(0)   # a fixed batch, for a before/after loss that compares like with like
+        stats = self._optimize(loss_on, batch_at, learned, smooth, ctx.progress)
+        ir.extra_tensors[LEARNED_R1] = r1.detach().double()
+        for i, r in enumerate(r2s):
+            ir.extra_tensors[learned_r2(i)] = r.detach().double()
+        for i, ab in enumerate(r4s):
+            for k, f in zip(learned_r4(i), ab):
+                ir.extra_tensors[k] = f.detach().double()
+        for i, r in enumerate(r3s):
+            ir.extra_tensors[learned_r3(i)] = r.detach().double()
+        for k, t in smooth.items():
+            ir.extra_tensors[k] = t.detach().double().exp()
+        return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, **stats,
+                                 "learned_under": under, "r4": "learned" if r4s else r4,
+                                 "r3": "learned" if r3s else None})
+
+    def _starts(self, ir, s, r2: bool, r4: bool, r3: bool):
+        """Where each rotation starts: R1 and R2 randomized Hadamards (seeded), R4 H_n as A kron B,
+        R3 insert-hadamard's own H_hd; [] for those not learned."""
+        seed = self.config.seed
+        d = ir.tensor(s.embedding_weight).shape[1]
+        r1 = _start(d, seed).float().requires_grad_()
+        r2s = [_start(a.head_dim, seed + 1 + i).float().requires_grad_() for i, a in enumerate(s.attentions)] \
+            if r2 else []
+        r4s = [[f.float().requires_grad_() for f in kron_hadamard(m.down.in_features)] for m in s.mlps] if r4 else []
+        r3s = [(hadamard_matrix(a.head_dim) / math.sqrt(a.head_dim) if supported(a.head_dim)
+                else random_orthogonal(a.head_dim, seed)).float().requires_grad_() for a in s.attentions] \
+            if r3 else []
+        return r1, r2s, r4s, r3s
+
+    def _optimize(self, loss_on, batch_at, learned, smooth, progress) -> dict:
+        """Cayley SGD on the rotations, Adam on the smoothing log-scales; the loss of a fixed batch
+        before and after (compares like with like)."""
+        c = self.config
+        probe = batch_at(0)
         with torch.no_grad():
             before = loss_on(probe).item()
         t0 = time.perf_counter()
         logs = list(smooth.values())
         adam = torch.optim.Adam(logs, lr=SMOOTH_LR) if logs else None
-        for step in tqdm(range(c.steps), desc="learn-rotations", disable=not ctx.progress, leave=False):
+        for step in tqdm(range(c.steps), desc="learn-rotations", disable=not progress, leave=False):
             grads = torch.autograd.grad(loss_on(batch_at(step)), learned + logs, allow_unused=True)
             with torch.no_grad():
                 for r, g in zip(learned, grads):
@@ -185,20 +238,7 @@ class LearnRotations(Pass):
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             after = loss_on(probe).item()
-        ir.extra_tensors[LEARNED_R1] = r1.detach().double()
-        for i, r in enumerate(r2s):
-            ir.extra_tensors[learned_r2(i)] = r.detach().double()
-        for i, ab in enumerate(r4s):
-            for k, f in zip(learned_r4(i), ab):
-                ir.extra_tensors[k] = f.detach().double()
-        for i, r in enumerate(r3s):
-            ir.extra_tensors[learned_r3(i)] = r.detach().double()
-        for k, t in smooth.items():
-            ir.extra_tensors[k] = t.detach().double().exp()
-        return PassResult(True, {"steps": c.steps, "tokens": c.steps * c.batch * c.seq, "seconds": round(seconds, 1),
-                                 "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4),
-                                 "learned_under": under, "r4": "learned" if r4s else r4,
-                                 "r3": "learned" if r3s else None})
+        return {"seconds": round(seconds, 1), "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4)}
 
     def _end_to_end(self, ir, s, ctx, seqs, r1, r2s, quant, r4):
         """loss=ce: the model's next-token loss on calibration batches, with the rotations fused
@@ -250,61 +290,30 @@ class LearnRotations(Pass):
         their error read by the queries (q (k_hat - k)^T, through each group's query Gram matrix).
         Returns (loss, batch_at, what it ran under)."""
         c = self.config
-        act = next((e for e in ctx.later if e.pass_cls.name == "quantize-activations"), None)
-        if act is None:
-            raise PassFailure("loss=local learns against activation quantization: no quantize-activations follows")
-        kv = next((e for e in ctx.later if e.pass_cls.name == "quantize-kv"), None)
-        a, roles = act.config, linear_roles(s)
-        skip = a.skipped
+        act = ctx.following(QuantizeActivations)[0]
+        kv = next(iter(ctx.following(QuantizeKV)), None)
+        a = act.config
         quant_a = lambda x: quantize_tokens_lsq(x, a.bits, a.group, a.sym, a.clip)   # noqa: E731
-        terms = []   # (recorded node, slice of its last dim, e -> ||e W^T||^2 over its readers, error fn, residual)
-        for n in [b.norm for b in s.blocks] + ([s.final_norm] if a.lm_head else []):
-            ws = [ir.tensor(lin.weight).float() for lin in n.consumers
-                  if roles.get(lin.node) not in skip and (a.lm_head or lin is not s.lm_head)]
-            if ws:
-                terms.append((n.output, None, _out_energy(torch.cat(ws)), lambda x: quant_a(x @ r1) @ r1.T, None))
-        home = {id(b.attention): b.norm.input for b in s.blocks if b.attention} | \
-            {id(b.mlp): b.norm.input for b in s.blocks if b.mlp}   # the residual a block's output is added to
-        for i, (att, r2) in enumerate(zip(s.attentions, r2s)):
-            wo = ir.tensor(att.o.weight).float()
-            sv = smooth.setdefault(smooth_v(i), torch.zeros(att.v_rows[1] - att.v_rows[0], requires_grad=True)) \
-                if c.smooth else None
-            if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
-                heads = wo.reshape(len(wo), -1, att.head_dim)
-                g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
-                gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
-                terms.append((att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
-                              _scaled(_per_head_fn(r2, kv.config), sv),
-                              home[id(att)]))
-            if "o" not in skip:
-                terms.append((att.o.node.args[0], None, _out_energy(wo),
-                              _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv,
-                                      lambda v, att=att: per_query_head(v, att)),
-                              home[id(att)]))
-        queries, grams = {}, {}   # post-RoPE query node -> its attention; -> the keys' error metric (after recording)
+        grams = {}   # post-RoPE query node -> the keys' error metric, filled after recording
+        terms = _r1_terms(ir, s, a, quant_a, r1)
+        terms += self._attention_terms(ir, s, a, kv, quant_a, r2s, smooth)
+        queries = {att.rope_q: att for att in s.attentions} if r3s and kv is not None else {}
         for att, r3 in zip(s.attentions, r3s if kv is not None else []):
-            queries[att.rope_q] = att
-            terms.append((att.rope_k, None, lambda e, q=att.rope_q: ((e @ grams[q]) * e).sum(-1),
-                          _per_head_fn(r3, kv.config), None))
-        if "down" not in skip:
-            for i, (m, (a4, b4)) in enumerate(zip(s.mlps, r4s)):
-                sd = smooth.setdefault(smooth_down(i), torch.zeros(m.down.in_features, requires_grad=True)) \
-                    if c.smooth and m.gate is not None and not m.fused_gate_up else None
-                terms.append((m.down.node.args[0], None, _out_energy(ir.tensor(m.down.weight).float()),
-                              _scaled(lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4,
-                                                                          inverse=True), sd),
-                              home[id(m)]))
-        residuals = {t[4] for t in terms if t[4] is not None}
-        nodes = list(dict.fromkeys([t[0] for t in terms] + list(residuals) + list(queries)))
+            terms.append(Term(att.rope_k, None, lambda e, q=att.rope_q: ((e @ grams[q]) * e).sum(-1),
+                              _per_head_fn(r3, kv.config)))
+        if "down" not in a.skipped:
+            terms += self._down_terms(ir, s, quant_a, r4s, smooth)
+        residuals = {t.residual for t in terms if t.residual is not None}
+        nodes = list(dict.fromkeys([t.node for t in terms] + list(residuals) + list(queries)))
         values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress, norms=residuals)))
         for qn, att in queries.items():   # each kv head's key error through its query heads' Gram matrix
             q = values.pop(qn).unflatten(-1, (att.n_kv_heads, -1, att.head_dim))   # [tokens, kv head, query, hd]
             grams[qn] = torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q))
-        xs = [values[n] if sl is None else values[n][:, sl] for n, sl, _, _, _ in terms]
+        xs = [values[t.node] if t.cols is None else values[t.node][:, t.cols] for t in terms]
         # a token's error counts relative to the residual it is added to (the next norm divides by
         # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss
-        weights = [None if h is None else 1 / values[h] for *_, h in terms]
-        energy = [out(x) if w is None else out(x) * w for x, w, (_, _, out, _, _) in zip(xs, weights, terms)]
+        weights = [None if t.residual is None else 1 / values[t.residual] for t in terms]
+        energy = [t.energy(x) if w is None else t.energy(x) * w for x, w, t in zip(xs, weights, terms)]
         tokens = len(xs[0])
         per_step = c.batch * c.seq
         order = torch.randperm(tokens, generator=torch.Generator().manual_seed(c.seed))
@@ -314,26 +323,61 @@ class LearnRotations(Pass):
 
         def loss_on(idx):
             total = 0.0
-            for x, w, en, (_, _, out, err, _) in zip(xs, weights, energy, terms):
+            for x, w, en, t in zip(xs, weights, energy, terms):
                 x = x[idx]
-                e = out(err(x) - x)
+                e = t.energy(t.err(x) - x)
                 total = total + (e if w is None else e * w[idx]).sum() / en[idx].sum()
             return total / len(terms)
         return loss_on, batch_at, [e.text() for e in (act, kv) if e is not None]
 
-    @staticmethod
-    def _simulation(ir, ctx):
+    def _attention_terms(self, ir, s, a, kv, quant_a, r2s, smooth) -> list[Term]:
+        """R2, per attention: the values into the KV cache (if quantized) and o's input (unless
+        skipped), both read through o, with the values' learned scales when smooth=true."""
+        terms = []
+        home = {id(b.attention): b.norm.input for b in s.blocks if b.attention}   # the residual o writes into
+        for i, (att, r2) in enumerate(zip(s.attentions, r2s)):
+            wo = ir.tensor(att.o.weight).float()
+            sv = smooth.setdefault(smooth_v(i), torch.zeros(att.v_rows[1] - att.v_rows[0], requires_grad=True)) \
+                if self.config.smooth else None
+            if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
+                heads = wo.reshape(len(wo), -1, att.head_dim)
+                g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
+                gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
+                terms.append(Term(att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
+                                  _scaled(_per_head_fn(r2, kv.config), sv), home[id(att)]))
+            if "o" not in a.skipped:
+                terms.append(Term(att.o.node.args[0], None, _out_energy(wo),
+                                  _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv,
+                                          lambda v, att=att: per_query_head(v, att)),
+                                  home[id(att)]))
+        return terms
+
+    def _down_terms(self, ir, s, quant_a, r4s, smooth) -> list[Term]:
+        """Learned R4, per MLP: the down projection's input, with learned scales (smooth=true, gated
+        MLPs with separate gate and up)."""
+        terms = []
+        home = {id(b.mlp): b.norm.input for b in s.blocks if b.mlp}
+        for i, (m, (a4, b4)) in enumerate(zip(s.mlps, r4s)):
+            sd = smooth.setdefault(smooth_down(i), torch.zeros(m.down.in_features, requires_grad=True)) \
+                if self.config.smooth and m.gate is not None and not m.fused_gate_up else None
+            terms.append(Term(m.down.node.args[0], None, _out_energy(ir.tensor(m.down.weight).float()),
+                              _scaled(lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4,
+                                                                          inverse=True), sd),
+                              home[id(m)]))
+        return terms
+
+    def _simulation(self, ir, ctx):
         """The graph the loss runs: the IR's own, or, when activations or the KV cache will be
         quantized, a copy with those quantizers (and the online Hadamards they act after) in place.
         Returns (graph module, whether R4 is an online node in it, the passes applied to it)."""
-        sim = [e for e in ctx.later if e.pass_cls.name in ("insert-hadamard", "quantize-activations", "quantize-kv")]
-        if not any(e.pass_cls.name != "insert-hadamard" for e in sim):
+        from .pipeline import Entry, PassManager
+        quantizers = ctx.following(QuantizeActivations) + ctx.following(QuantizeKV)
+        if not quantizers:
             return ir.gm, False, []
-        from .pipeline import PassManager
+        sim = ctx.following(InsertHadamard) + quantizers   # the order check_order guarantees
         copy_ir = ir.fork()   # insert-hadamard's new down weights stay in the fork
-        PassManager(",".join(e.text() for e in sim)).run(copy_ir)
-        return copy_ir.gm, any(e.pass_cls.name == "insert-hadamard" and e.config.r4 for e in sim), \
-            [e.text() for e in sim]
+        PassManager(sim, done=[Entry(type(self), self.config, ())]).run(copy_ir)
+        return copy_ir.gm, any(e.config.r4 for e in ctx.following(InsertHadamard)), [e.text() for e in sim]
 
     def _load(self, ir, s, path: Path) -> PassResult:
         from safetensors.torch import load_file

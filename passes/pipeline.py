@@ -84,10 +84,33 @@ def parse_entry(text: str) -> Entry:
     return Entry(cls, config, tuple(given))
 
 
-def parse_pipeline(text: str) -> list[Entry]:
+def parse_pipeline(text: str, done=()) -> list[Entry]:
+    """Entries of a pipeline text, their order checked against what each pass declares (`done`:
+    the entries, or their texts, already run on the model it will run on)."""
     if not text.strip():
         raise PipelineError("empty pipeline")
-    return [parse_entry(p) for p in _split_top(text)]
+    entries = [parse_entry(p) for p in _split_top(text)]
+    check_order(entries, done)
+    return entries
+
+
+def check_order(entries: list[Entry], done=()):
+    """Each pass's declared needs (Pass.needs) and order (Pass.after) hold, or PipelineError."""
+    done = [parse_entry(d) if isinstance(d, str) else d for d in done]
+    for i, e in enumerate(entries):
+        cls = e.pass_cls
+        for need in cls.needs:
+            if not need.applies(e.config):
+                continue
+            pool = done + entries[:i] if need.before else entries[i + 1:]
+            if not any(need.met_by(o.pass_cls.name, o.config) for o in pool):
+                raise PipelineError(f"'{e.text()}' {need}")
+        for later in entries[i + 1:]:
+            if later.pass_cls.name in cls.after:
+                raise PipelineError(f"'{later.text()}' must come before '{e.text()}'")
+        for earlier in done:
+            if cls.name in earlier.pass_cls.after:
+                raise PipelineError(f"'{e.text()}' must come before '{earlier.text()}', which already ran on this model")
 
 
 def print_pipeline(entries: list[Entry]) -> str:
@@ -108,8 +131,11 @@ class Instrument:
 
 
 class PassManager:
-    def __init__(self, entries: list[Entry] | str, instruments=()):
-        self.entries = parse_pipeline(entries) if isinstance(entries, str) else list(entries)
+    def __init__(self, entries: list[Entry] | str, instruments=(), done=()):
+        """done: the entries (or texts) already run on the model the pipeline will run on."""
+        self.entries = parse_pipeline(entries, done) if isinstance(entries, str) else list(entries)
+        if not isinstance(entries, str):
+            check_order(self.entries, done)
         self.instruments = list(instruments)
 
     def __str__(self):
@@ -122,7 +148,7 @@ class PassManager:
             inst.start(ir, ctx)
         for i, entry in enumerate(self.entries):
             p = entry.make()
-            ctx.later = tuple(self.entries[i + 1:])
+            ctx.later = {cls: [e for e in self.entries[i + 1:] if e.pass_cls is cls] for cls in p.reads_later}
             try:
                 for inst in self.instruments:
                     inst.before(i, entry, p, ir, ctx)

@@ -38,18 +38,14 @@ def _contract(bits):
 
 
 def _insert(ir, x, users, args) -> torch.fx.Node:
-    with ir.graph.inserting_after(x):
-        q = ir.graph.call_function(_OP, (x, *args))
-    ir.stamp(q)
-    for u in users:
-        u.replace_input_with(x, q)
-    return q
+    return ir.insert(_OP, (x, *args), after=x, swap=(x, users))
 
 
 @register
 class QuantizeActivations(Pass):
     """Per-token dynamic quantization of every linear's input (after any online Hadamard), lm_head excepted."""
     name = "quantize-activations"
+    after = ("fuse-rotations", "insert-hadamard")
 
     @dataclass(frozen=True)
     class Config:
@@ -98,6 +94,7 @@ class QuantizeActivations(Pass):
 class QuantizeKV(Pass):
     """Quantize keys (after RoPE and any R3 Hadamard) and values per token and head group, as a quantized KV cache stores them."""
     name = "quantize-kv"
+    after = ("fuse-rotations", "insert-hadamard")
 
     @dataclass(frozen=True)
     class Config:

@@ -1,13 +1,19 @@
+"""quantize-weights: every linear's weight to a packed weight format (ir/formats). The method is
+one scheme config class each (RTN, GPTQ, FineQuant, SqueezeLLM: plain data, built from the
+pass's options) and a quantizer registered for that class, so a new method is a class and a
+function, not a branch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from tqdm import tqdm
 
 from lowbit.ir import meta
-from lowbit.ir.quant import (QuantSpec, csr_rows, dequantize_codes, fit_groups, nearest_codes, pack, pack_weight,
-                             packed_from_codes, quantize, weighted_kmeans)
+from lowbit.ir.formats import Packed, lut, uniform
+from lowbit.ir.formats.sparse import csr_rows
+from lowbit.ir.formats.uniform import QuantSpec
 
 from .base import Lossy, Pass, PassContext, PassFailure, PassResult, register
 from .gptq import calibrate_and_quantize, gptq, gptq_columns
@@ -18,48 +24,99 @@ from .sensitivity import fisher
 # floor well under what RTN measures on stories260K and SmolLM2 (see tests), to catch breakage
 # (wrong scales, wrong packing order), not to grade quality.
 _MIN_SQNR_DB = {2: -10.0, 3: 0.0, 4: 5.0, 5: 10.0, 6: 15.0, 7: 20.0, 8: 25.0}
-METHODS = ("rtn", "gptq", "finequant", "squeezellm")
 
 
-@dataclass
-class Stored:
-    """One quantized weight: the tensors a dequantize op reads (in argument order), the op and its
-    constant arguments, and what `lowbit inspect` reports about it."""
-    tensors: dict[str, torch.Tensor | None]
-    op: object
-    consts: tuple
-    info: dict = field(default_factory=dict)
-
-    def w_hat(self) -> torch.Tensor:
-        return self.op(*self.tensors.values(), *self.consts)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values() if t is not None)
+# -- schemes: what each method needs, as data -----------------------------------------------------------
+@dataclass(frozen=True)
+class RTN:
+    """Round to nearest on a uniform grid; clip searches each group's range by weight MSE."""
+    spec: QuantSpec
+    clip: bool = False
+    hessian: ClassVar[bool] = False
+    fisher: ClassVar[bool] = False
 
 
-def stored_packed(p) -> Stored:
-    return Stored({"qweight": p.qweight, "scales": p.scales, "zeros": p.zeros}, torch.ops.lowbit.dequantize.default,
-                  (p.spec.bits, p.spec.group, p.in_features), {"bits": p.spec.bits, "group": p.spec.group, "sym": p.spec.sym})
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ's column walk with error feedback through the inverse Hessian, static groups."""
+    spec: QuantSpec
+    clip: bool = False
+    damp: float = 0.01
+    act_order: bool = True
+    hessian: ClassVar[bool] = True
+    fisher: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class FineQuant:
+    """Symmetric int4/int8 with a group size chosen per matrix (down to min_group), data-free."""
+    bits: int
+    min_group: int
+    hessian: ClassVar[bool] = False
+    fisher: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class SqueezeLLM:
+    """Fisher-weighted k-means lookup table per output row; codes by nearest entry, or by GPTQ."""
+    bits: int
+    gptq: bool = False
+    damp: float = 0.01
+    act_order: bool = True
+    fisher: ClassVar[bool] = True
+
+    @property
+    def hessian(self) -> bool:
+        return self.gptq
+
+
+QUANTIZERS: dict[type, Callable] = {}   # scheme class -> (scheme, W, H or None, sensitivity or None) -> Packed
+
+
+def quantizer(scheme: type):
+    def put(fn):
+        QUANTIZERS[scheme] = fn
+        return fn
+    return put
+
+
+@quantizer(RTN)
+def _rtn(s: RTN, w, h, sens) -> Packed:
+    return uniform.pack_weight(w, s.spec, clip_search=s.clip)
+
+
+@quantizer(GPTQ)
+def _gptq(s: GPTQ, w, h, sens) -> Packed:
+    return uniform.packed(*gptq(w, h, s.spec, s.damp, s.act_order, clip=s.clip), s.spec)
+
+
+@quantizer(FineQuant)
+def _finequant(s: FineQuant, w, h, sens) -> Packed:
+    return uniform.pack_weight(w, QuantSpec(s.bits, finequant_group(w, s.bits, s.min_group), True))
+
+
+@quantizer(SqueezeLLM)
+def _squeezellm(s: SqueezeLLM, w, h, sens) -> Packed:
+    return squeezellm(w, sens, s.bits, h if s.gptq else None, s.damp, s.act_order)
 
 
 def squeezellm(w: torch.Tensor, sensitivity: torch.Tensor, bits: int, h: torch.Tensor | None = None,
-               damp: float = 0.01, act_order: bool = True) -> Stored:
+               damp: float = 0.01, act_order: bool = True) -> Packed:
     """Per output row, k-means of the row's values weighted by their sensitivity; the 2**bits
     centroids become the row's fp16 lookup table. Each value takes the code of its nearest entry,
     or, given the layer's Hessian h, GPTQ's choice with error feedback over the same tables."""
-    lut, _ = weighted_kmeans(w, sensitivity, 1 << bits)
-    lut = lut.to(torch.float16)
+    table, _ = lut.weighted_kmeans(w, sensitivity, 1 << bits)
+    table = table.to(torch.float16)
     if h is None:
-        codes = nearest_codes(w, lut)
+        codes = lut.nearest_codes(w, table)
     else:
-        table = lut.double()
+        t = table.double()
 
         def grid(values, col):
-            q = nearest_codes(values[:, None], table)
-            return q[:, 0], torch.gather(table, 1, q)[:, 0]
+            q = lut.nearest_codes(values[:, None], t)
+            return q[:, 0], torch.gather(t, 1, q)[:, 0]
         codes = gptq_columns(w, h, grid, damp, act_order).long()
-    return Stored({"qweight": pack(codes, bits), "lut": lut}, torch.ops.lowbit.dequantize_lut.default,
-                  (bits, w.shape[1]), {"bits": bits, "group": -1, "sym": False, "lut": 1 << bits})
+    return lut.packed(codes, table, bits)
 
 
 def finequant_group(w: torch.Tensor, bits: int, min_group: int) -> int:
@@ -71,27 +128,31 @@ def finequant_group(w: torch.Tensor, bits: int, min_group: int) -> int:
     criterion is range-based with a threshold we could not read; this rule states its trade-off.)"""
     k = w.shape[1]
     candidates = [-1] + [g for g in (1 << p for p in range(12, 2, -1)) if min_group <= g < k]
-    best = candidates[0]
-    cost = 16 / k
-    db = sqnr_db(w, dequantize_codes(*_rtn(w, QuantSpec(bits, best, True))))
+
+    def db(g):   # in float64, from the fp16-rounded scales
+        spec = QuantSpec(bits, g, True)
+        scale, zero = uniform.fit_groups(w, spec)
+        return sqnr_db(w, uniform.dequantize_codes(uniform.quantize(w, scale, zero, spec), scale, zero, spec))
+    best, best_db, cost = candidates[0], db(candidates[0]), 16 / k
     for g in candidates[1:]:
-        new_db = sqnr_db(w, dequantize_codes(*_rtn(w, QuantSpec(bits, g, True))))
-        new_cost = 16 / g
-        if new_db - db < 6.02 * (new_cost - cost):
+        new_db, new_cost = db(g), 16 / g
+        if new_db - best_db < 6.02 * (new_cost - cost):
             break
-        best, db, cost = g, new_db, new_cost
+        best, best_db, cost = g, new_db, new_cost
     return best
 
 
-def _rtn(w, spec):
-    scale, zero = fit_groups(w, spec)
-    return quantize(w, scale, zero, spec), scale, zero, spec
+SCHEMES = {"rtn": lambda c: RTN(QuantSpec(c.bits, c.group, c.sym), c.clip),
+           "gptq": lambda c: GPTQ(QuantSpec(c.bits, c.group, c.sym), c.clip, c.damp, c.act_order),
+           "finequant": lambda c: FineQuant(c.bits, c.group),
+           "squeezellm": lambda c: SqueezeLLM(c.bits, c.gptq, c.damp, c.act_order)}
 
 
 @register
 class QuantizeWeights(Pass):
     """Quantize linear weights to packed storage: rtn, gptq, finequant (adaptive group size) or squeezellm (per-row lookup tables)."""
     name = "quantize-weights"
+    after = ("fuse-rotations", "insert-hadamard", "split-outliers", "learn-rotations")
 
     @dataclass(frozen=True)
     class Config:
@@ -110,8 +171,8 @@ class QuantizeWeights(Pass):
         gptq: bool = False      # squeezellm: pick codes from the tables with GPTQ's error feedback
 
         def __post_init__(self):
-            if self.method not in METHODS:
-                raise ValueError(f"method '{self.method}' is not available (available: {', '.join(METHODS)})")
+            if self.method not in SCHEMES:
+                raise ValueError(f"method '{self.method}' is not available (available: {', '.join(SCHEMES)})")
             QuantSpec(self.bits, self.group, self.sym)
             if self.clip and self.method not in ("rtn", "gptq"):
                 raise ValueError(f"clip=true searches rtn/gptq group ranges; {self.method} fits its own")
@@ -120,46 +181,51 @@ class QuantizeWeights(Pass):
             if self.method == "squeezellm" and self.bits > 4:
                 raise ValueError(f"squeezellm lookup tables are for 2-4 bits, not {self.bits}")
 
+        def scheme(self):
+            return SCHEMES[self.method](self)
+
     def contract(self):
         return Lossy(_MIN_SQNR_DB[self.config.bits])
 
     def run(self, ir, ctx: PassContext) -> PassResult:
         c = self.config
-        spec = QuantSpec(c.bits, c.group, c.sym)
+        scheme = c.scheme()
         s = ir.analysis
-        todo = [lin for lin in s.linears.values()
-                if not lin.quantized and (c.lm_head or lin is not s.lm_head)]
+        todo = [lin for lin in s.linears.values() if not lin.quantized and (c.lm_head or lin is not s.lm_head)]
         if not todo:
             return PassResult(False)
         for lin in todo:
             if not torch.isfinite(ir.tensor(lin.weight)).all():
                 raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
-        if c.method in ("gptq", "squeezellm") and ctx.calib is None:
+        if (scheme.hessian or scheme.fisher) and ctx.calib is None:
             raise PassFailure(f"method={c.method} needs calibration text (compile --calib FILE)")
-        fish = fisher(ir, ctx, c.samples) if c.method == "squeezellm" else {}
+        stored = self._quantize(ir, ctx, scheme, todo)
+        for lin in todo:
+            self._rewrite(ir, lin, *stored[lin.node])
+        ir.remove_dead()
+        ir.changed()
+        return PassResult(True, self._stats(todo, stored))
+
+    def _quantize(self, ir, ctx, scheme, todo) -> dict:
+        """{linear node: (Packed, whole W, whole W_hat)}, the whole being dense plus sparse outliers."""
+        c = self.config
+        quantize = QUANTIZERS[type(scheme)]
+        fish = fisher(ir, ctx, c.samples) if scheme.fisher else {}
         bar = tqdm(total=len(todo), desc=f"quantize-weights ({c.method})", unit="linear",
                    disable=not ctx.progress, leave=False)
-        stored = {}   # linear node -> (Stored, whole W, whole W_hat): dense part plus sparse outliers
+        stored = {}
 
         def store(lin, h=None):
             w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
-            if c.method == "gptq":
-                codes, scale, zero = gptq(w, h, spec, c.damp, c.act_order, clip=c.clip)
-                st = stored_packed(packed_from_codes(codes, scale, zero, spec))
-            elif c.method == "rtn":
-                st = stored_packed(pack_weight(w, spec, clip_search=c.clip))
-            elif c.method == "finequant":
-                st = stored_packed(pack_weight(w, QuantSpec(c.bits, finequant_group(w, c.bits, c.group), True)))
-            else:
-                st = squeezellm(w, self._sensitivity(ir, lin, fish), c.bits, h, c.damp, c.act_order)
-            w_hat = st.w_hat()
+            p = quantize(scheme, w, h, self._sensitivity(ir, lin, fish) if scheme.fisher else None)
+            w_hat = p.w_hat()
             if lin.sparse:
                 w, w_hat = self._absorb(ir, lin, w, w_hat)
-            stored[lin.node] = st, w, w_hat
+            stored[lin.node] = p, w, w_hat
             bar.update()
             return w_hat
 
-        if c.method == "gptq" or c.gptq:
+        if scheme.hessian:
             by_node = {lin.node: lin for lin in todo}
             calibrate_and_quantize(ir.gm, list(by_node), ctx.calib[: c.samples],
                                    lambda node, w, h: store(by_node[node], h), c.sequential)
@@ -167,45 +233,39 @@ class QuantizeWeights(Pass):
             for lin in todo:
                 store(lin)
         bar.close()
+        return stored
 
+    def _rewrite(self, ir, lin, p: Packed, w, w_hat):
+        """linear(x, W, b) -> linear(x, op(packed tensors...), b); a sparse_add of outliers stays
+        between the two (its values already absorb the dense error where they sit)."""
+        base = (lin.module or lin.node.name) + ".q"
+        user = next(iter(u for u in lin.weight_node.users if u is lin.node or lin.node in u.users))
+        attrs = [ir.param(f"{base}.{k}", t, user) if t is not None else None for k, t in p.tensors.items()]
+        ir.insert(p.format.op, (*attrs, *p.consts), before=user, typ=f"f32[{w.shape[0]},{w.shape[1]}]",
+                  swap=(lin.weight_node, [user]))
+        lin.node.meta[meta.QUANT] = {"method": self.config.method, **p.info, "shape": list(w.shape),
+                                     "tensors": [f"{base}.{k}" for k, t in p.tensors.items() if t is not None],
+                                     "bpw": round(8 * p.nbytes() / w.numel(), 4)}
+
+    def _stats(self, todo, stored) -> dict:
         n_weights = n_bytes = partial = 0
         sqnrs, groups = {}, {}
         for lin in todo:
-            st, w, w_hat = stored[lin.node]
-            base = (lin.module or lin.node.name) + ".q"
-            for key, t in st.tensors.items():
-                if t is not None:
-                    ir.set_tensor(f"{base}.{key}", t)
-            # rewrite: linear(x, W, b) -> linear(x, dequantize(qweight, ...), b); a sparse_add of
-            # outliers stays between the two, and its values absorb the dense error where they sit
-            user = next(iter(u for u in lin.weight_node.users if u is lin.node or lin.node in u.users))
-            with ir.graph.inserting_before(user):
-                attrs = [ir.get_attr(f"{base}.{k}", before=user) if t is not None else None
-                         for k, t in st.tensors.items()]
-                deq = ir.graph.call_function(st.op, (*attrs, *st.consts))
-            deq.meta[meta.TYPE] = f"f32[{w.shape[0]},{w.shape[1]}]"
-            ir.stamp(deq, like=None)
-            user.replace_input_with(lin.weight_node, deq)
-            tensors = [f"{base}.{k}" for k, t in st.tensors.items() if t is not None]
-            bpw = 8 * st.nbytes() / w.numel()
-            lin.node.meta[meta.QUANT] = {"method": c.method, **st.info, "shape": list(w.shape), "tensors": tensors,
-                                         "bpw": round(bpw, 4)}
+            p, w, w_hat = stored[lin.node]
             sqnrs[lin.name] = round(sqnr_db(w, w_hat), 2)
-            if c.method == "finequant":
-                groups[lin.name] = st.info["group"]
+            if self.config.method == "finequant":
+                groups[lin.name] = p.info["group"]
             n_weights += w.numel()
-            n_bytes += st.nbytes()
-            g = st.info["group"]
+            n_bytes += p.nbytes()
+            g = p.info["group"]
             partial += g != -1 and w.shape[1] % g != 0
-        ir.remove_dead()
-        ir.changed()
         vals = list(sqnrs.values())
         stats = {"linears": len(todo), "weights": n_weights, "bits_per_weight": round(8 * n_bytes / n_weights, 4),
                  "partial_last_group": int(partial), "weight_sqnr_db_min": min(vals),
                  "weight_sqnr_db_mean": round(sum(vals) / len(vals), 2), "weight_sqnr_db": sqnrs}
         if groups:
             stats["groups"] = groups
-        return PassResult(True, stats)
+        return stats
 
     @staticmethod
     def _sensitivity(ir, lin, fish):

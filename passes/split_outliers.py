@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.ir import meta
-from lowbit.ir.quant import to_csr
+from lowbit.ir.formats.sparse import sparse_add, to_csr
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, register
 from .sensitivity import fisher
@@ -15,6 +15,7 @@ from .sensitivity import fisher
 class SplitOutliers(Pass):
     """Dense-and-sparse (SqueezeLLM): move each linear's most sensitive and largest weights to a CSR matrix (fp16 values)."""
     name = "split-outliers"
+    after = ("fuse-rotations", "insert-hadamard")
 
     @dataclass(frozen=True)
     class Config:
@@ -56,14 +57,9 @@ class SplitOutliers(Pass):
             dense[mask] -= val.float()   # boolean indexing is row-major, the order of CSR values
             base = (lin.module or lin.node.name) + ".sparse"
             names = {"dense": dense, "crow": crow, "col": col, "val": val}
-            for key, t in names.items():
-                ir.set_tensor(f"{base}.{key}", t)
-            with ir.graph.inserting_before(lin.node):
-                attrs = [ir.get_attr(f"{base}.{k}", before=lin.node) for k in names]
-                add = ir.graph.call_function(torch.ops.lowbit.sparse_add.default, tuple(attrs))
-            add.meta[meta.TYPE] = lin.weight_node.meta.get(meta.TYPE, f"f32[{w.shape[0]},{w.shape[1]}]")
-            ir.stamp(add)
-            lin.node.replace_input_with(lin.weight_node, add)
+            attrs = [ir.param(f"{base}.{k}", t, lin.node) for k, t in names.items()]
+            ir.insert(sparse_add._opoverload, attrs, before=lin.node, swap=(lin.weight_node, [lin.node]),
+                      typ=lin.weight_node.meta.get(meta.TYPE, f"f32[{w.shape[0]},{w.shape[1]}]"))
             lin.node.meta[meta.SPARSE] = {"nnz": int(mask.sum()), "tensors": [f"{base}.{k}" for k in ("crow", "col", "val")]}
             nnz += int(mask.sum())
             total += w.numel()

@@ -19,7 +19,7 @@ import functools
 import torch
 
 from lowbit.ir import hadamard as had
-from lowbit.ir import kernels  # noqa: F401  (defines the ops registered below)
+from lowbit.ir.formats import lut, sparse, uniform
 
 from .build import ENTRY_POINTS, build
 
@@ -174,8 +174,8 @@ def register():
     """Register the CUDA implementations (idempotent)."""
     if _REFERENCE:
         return
-    for name, fn in (("matmul_nbits", matmul_nbits), ("lut_matmul", lut_matmul), ("sparse_matmul", sparse_matmul),
-                     ("hadamard", hadamard)):
-        op = getattr(kernels, name, None) or getattr(had, name)
+    for op, fn in ((uniform.matmul_nbits, matmul_nbits), (lut.lut_matmul, lut_matmul),
+                   (sparse.sparse_matmul, sparse_matmul), (had.hadamard, hadamard)):
+        name = op._name.split("::")[-1]
         _REFERENCE[name] = op._init_fn   # the op's PyTorch implementation
         op.register_kernel("cuda")(fn)

@@ -30,11 +30,11 @@ def stories_model():
 
 @pytest.fixture(scope="session")
 def _smol_captured():
-    from lowbit.ir.load import load
+    from lowbit.tools.api import load
     return load("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def smol_model():
-    from lowbit.ir.load import load_model
+    from lowbit.tools.defaults import load_model
     return load_model("smollm2-135m")[0]

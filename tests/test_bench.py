@@ -47,10 +47,10 @@ def test_bench_quality_names_unknown_rows(tmp_path):
 def test_bench_decode_rows(tmp_path, monkeypatch):
     """Real exports and onnxruntime sessions on stories260K; speeds are printed, not asserted."""
     from lowbit.tools.bench import bench_decode, decode_markdown
-    from lowbit.tools.cli import compile_model
+    from lowbit.tools import api
     need_data("stories260K", "stories260K.bin")
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    compile_model(str(STORIES), tmp_path / "art", "quantize-weights{bits=4,group=32,lm_head=true}", progress=False)
+    api.compile(str(STORIES), passes="quantize-weights{bits=4,group=32,lm_head=true}", out=tmp_path / "art", progress=False)
     rep = bench_decode([str(tmp_path / "art")], str(STORIES), tmp_path / "out", accuracy_levels=(4,),
                        prompt_tokens=16, new_tokens=8, repeats=1, threads=1, log=lambda m: None)
     rows = {r["row"]: r for r in rep["rows"]}

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from lowbit.ir import meta
-from lowbit.ir.errors import StructureError
 from models import FAMILIES, tiny_ir
 
 aten = torch.ops.aten
@@ -16,7 +15,6 @@ EXPECT = {  # family: (fused_qkv, qk_norm, fused_gate_up, tied, activation, q bi
     "gemma": (False, False, False, True, "gelu", False),
     "phi3": (True, False, True, False, "silu", False),
 }
-
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
@@ -56,25 +54,3 @@ def test_capture_stories_exact(stories_ir, stories_model):
         assert rel(stories_ir(x), stories_model(x).logits) <= 1e-5
     s = stories_ir.analysis.summary()
     assert (s["layers"], s["heads"], s["kv_heads"], s["head_dim"], s["tied_embedding"]) == (5, 8, 4, 8, True)
-
-
-def test_unknown_structure_names_node():
-    ir, _ = tiny_ir("llama")
-    # an rsqrt that is not an RMSNorm: rsqrt(mean) without the eps add
-    add = next(n for n in ir.graph.nodes if n.target is aten.rsqrt.default).args[0]
-    rs = next(iter(add.users))
-    rs.args = (add.args[0],)
-    ir.changed()
-    with pytest.raises(StructureError, match=rf"node '{rs.name}'.*rsqrt\(mean\(x\^2\) \+ eps\)"):
-        ir.analysis
-
-
-def test_linear_weight_not_parameter_names_node():
-    ir, _ = tiny_ir("llama")
-    lin = next(n for n in ir.graph.nodes if n.target is aten.linear.default)
-    with ir.graph.inserting_before(lin):
-        neg = ir.graph.call_function(aten.neg.default, (lin.args[1],))
-    lin.replace_input_with(lin.args[1], neg)
-    ir.changed()
-    with pytest.raises(StructureError, match=rf"node '{lin.name}'.*weight is a parameter"):
-        ir.analysis

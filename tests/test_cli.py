@@ -70,6 +70,12 @@ def test_passes_lists_passes_and_recipes(capsys):
     (["run", "{out}", "--prompt", "hi", "--backend", "ort"], "runs a lowbit artifact"),
     (["run", str(STORIES), "--prompt", ""], "the prompt is empty"),
     (["bench", "decode", "--accuracy-levels", "4,x", "--out", "{out}"], "levels 0-4"),
+    (["compile", str(STORIES), "--out", "{file}"], "exists and is not a directory"),
+    (["run", str(STORIES), "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens: must be at least 1, got -5"),
+    (["eval", str(STORIES), "--text", str(TEXT), "--ctx", "x"], "--ctx: expected a whole number"),
+    (["run", str(STORIES), "--prompt", "hi", "--temperature", "-1"], "--temperature: must be 0 or more"),
+    (["compile", str(STORIES)], "the following arguments are required: --out"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_one_line_exit_2_no_artifact(argv, match, capsys, tmp_path):
     need_data("stories260K", "stories260K.bin")
@@ -78,7 +84,9 @@ def test_bad_input_one_line_exit_2_no_artifact(argv, match, capsys, tmp_path):
     corrupt.parent.mkdir()
     corrupt.write_bytes(STORIES.read_bytes()[:5000])
     shutil.copy(STORIES.parent / "tok512.bin", corrupt.parent)
-    subs = {"{empty}": str(tmp_path / "empty.txt"), "{out}": str(tmp_path / "out"), "{corrupt}": str(corrupt)}
+    (tmp_path / "file").write_text("x")
+    subs = {"{empty}": str(tmp_path / "empty.txt"), "{out}": str(tmp_path / "out"), "{corrupt}": str(corrupt),
+            "{file}": str(tmp_path / "file")}
     code, out, err = run(capsys, *[subs.get(a, a) for a in argv])
     lines = [ln for ln in err.splitlines() if ln.startswith("lowbit: error")]
     assert code == 2 and len(lines) == 1
@@ -94,7 +102,7 @@ def test_existing_output_needs_force(artifact, capsys):
 
 def test_console_script():
     exe = shutil.which("lowbit") or pytest.skip("lowbit console script not on PATH")
-    from lowbit.tools.cli import DEMO_TEXT   # bundled: the check must not depend on shared data
+    from lowbit.tools.defaults import DEMO_TEXT   # bundled: the check must not depend on shared data
     p = subprocess.run([exe, "eval", "/nonexistent", "--text", str(DEMO_TEXT)], capture_output=True, text=True)
     errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert p.returncode == 2 and errors == [p.stderr.splitlines()[-1]] and errors[0].startswith("lowbit: error: no such model")

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from lowbit.ir.quant import QuantSpec, dequantize, dequantize_codes, fit_groups, quantize
+from lowbit.ir.formats.uniform import QuantSpec, dequantize, dequantize_codes, fit_groups, quantize
 from lowbit.passes import PassContext, PassManager, PipelineError
 from lowbit.passes.gptq import gptq
 from lowbit.tools.evaluate import perplexity, read_text, windows

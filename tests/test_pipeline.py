@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lowbit.ir import meta
+from lowbit.ir.errors import LowbitError
 from lowbit.passes import RECIPES, PassContext, PassManager, PipelineError, parse_pipeline, print_pipeline
-from lowbit.passes.base import REGISTRY, Exact, Pass, PassResult, register
+from lowbit.passes.base import REGISTRY, Exact, Pass, PassResult
 from lowbit.passes.instruments import DumpIR, NumericDiff, Provenance, Timing, Verify
 from models import tiny_ir
 
@@ -42,7 +43,6 @@ def test_parse_errors(text, match):
         parse_pipeline(text)
 
 
-@register
 class _BreakExact(Pass):
     """Test-only: scales one weight but claims to be exact."""
     name = "test-break-exact"
@@ -60,7 +60,6 @@ class _BreakExact(Pass):
         return PassResult(True)
 
 
-@register
 class _LeaveDead(Pass):
     """Test-only: leaves a dead node behind."""
     name = "test-leave-dead"
@@ -79,7 +78,14 @@ class _LeaveDead(Pass):
         return PassResult(True)
 
 
-def test_numeric_diff_reports_each_pass_and_catches_broken_contract():
+@pytest.fixture
+def test_passes(monkeypatch):
+    """The test-only passes, registered for one test and removed after it."""
+    for cls in (_BreakExact, _LeaveDead, _BadResult):
+        monkeypatch.setitem(REGISTRY, cls.name, cls)
+
+
+def test_numeric_diff_reports_each_pass_and_catches_broken_contract(test_passes):
     ir, _ = tiny_ir("llama")
     x = torch.randint(0, 256, (2, 16))
     nd = NumericDiff(x)
@@ -93,7 +99,7 @@ def test_numeric_diff_reports_each_pass_and_catches_broken_contract():
         PassManager("fold-norms,test-break-exact", [NumericDiff(x)]).run(ir)
 
 
-def test_verify_catches_dead_node_and_names_it():
+def test_verify_catches_dead_node_and_names_it(test_passes):
     ir, _ = tiny_ir("llama")
     with pytest.raises(PipelineError, match=r"test-leave-dead.*at node 'neg\w*' \(handle \d+\).*dead node"):
         PassManager("test-leave-dead", [Verify()]).run(ir)
@@ -135,23 +141,57 @@ def test_timing_and_provenance():
     assert not any(meta.CREATED_BY in n.meta for n in ir.graph.nodes if n.target is aten.linear.default)
 
 
-def test_manager_rejects_bad_result():
-    @register
-    class _Bad(Pass):
-        """Test-only: returns a non-bool modified."""
-        name = "test-bad-result"
+class _BadResult(Pass):
+    """Test-only: returns a non-bool modified."""
+    name = "test-bad-result"
 
-        @dataclass(frozen=True)
-        class Config:
-            pass
+    @dataclass(frozen=True)
+    class Config:
+        pass
 
-        def contract(self):
-            return Exact()
+    def contract(self):
+        return Exact()
 
-        def run(self, ir, ctx):
-            return PassResult(1)
+    def run(self, ir, ctx):
+        return PassResult(1)
 
+
+def test_manager_rejects_bad_result(test_passes):
     ir, _ = tiny_ir("llama")
     with pytest.raises(PipelineError, match="bool 'modified'"):
         PassManager("test-bad-result").run(ir, PassContext())
-    del REGISTRY["test-bad-result"]
+
+
+def test_test_passes_are_not_left_registered():
+    assert not [name for name in REGISTRY if name.startswith("test-")]
+
+
+@pytest.mark.parametrize("text,done,match", [
+    ("fuse-rotations", (), "'fuse-rotations' needs fold-norms before it"),
+    ("fuse-rotations", ("fold-norms",), None),
+    ("quantize-weights,insert-hadamard", (), "'insert-hadamard' must come before 'quantize-weights'"),
+    ("quantize-activations", ("quantize-weights",), None),
+    ("insert-hadamard", ("quantize-weights",), "which already ran on this model"),
+    ("insert-hadamard{kind=learned}", ("fold-norms",), "with kind=learned: needs learn-rotations before it"),
+    ("fold-norms,learn-rotations{loss=local},fuse-rotations{kind=learned},quantize-weights", (),
+     "with loss=local: needs quantize-activations after it"),
+    ("fold-norms,learn-rotations{load=x},fuse-rotations{kind=learned}", (), None),
+    ("fold-norms,learn-rotations,fuse-rotations,quantize-weights", (),
+     "needs fuse-rotations{kind=learned} after it"),
+    ("quantize-weights,lower-kernels,quantize-kv", (), "'quantize-kv' must come before 'lower-kernels'"),
+])
+def test_declared_order_is_checked_when_parsed(text, done, match):
+    if match is None:
+        parse_pipeline(text, done)
+    else:
+        with pytest.raises(PipelineError, match=match):
+            parse_pipeline(text, done)
+
+
+def test_a_pass_reads_only_the_later_passes_it_declares():
+    from lowbit.passes.fuse_rotations import FuseRotations
+    from lowbit.passes.quantize_weights import QuantizeWeights
+    ctx = PassContext(later={QuantizeWeights: []})
+    assert ctx.following(QuantizeWeights) == []
+    with pytest.raises(LowbitError, match="without declaring it in reads_later"):
+        ctx.following(FuseRotations)

@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
-from lowbit.ir import hadamard, kernels
-from lowbit.ir.quant import pack, to_csr
+from lowbit.ir import hadamard
+from lowbit.ir.formats import lut as lut_format
+from lowbit.ir.formats import pack
+from lowbit.ir.formats import sparse, uniform
+from lowbit.ir.formats.sparse import to_csr
 from lowbit.plugins.build import ENTRY_POINTS, build, nvcc
 
 
@@ -40,7 +43,7 @@ def _w4(n, k, group, sym, g):
     ng = math.ceil(k / group)
     scales = torch.rand(n, ng, generator=g).half() * 0.05 + 0.01
     zeros = None if sym else pack(torch.randint(0, 16, (n, ng), generator=g), 4)
-    return kernels.to_matmul_nbits(pack(codes, 4), scales, zeros, 4, group, k)
+    return uniform.to_matmul_nbits(pack(codes, 4), scales, zeros, 4, group, k)
 
 
 def _outliers(n, k, g, density=0.01):
@@ -61,7 +64,7 @@ def test_w4_matmul_matches_reference(cuda_ops, m, n, k, group, sym):
     g = torch.Generator().manual_seed(m * n)
     b, s, z, bs = _w4(n, k, group, sym, g)
     x = torch.randn(m, k, generator=g)
-    ref = kernels.matmul_nbits(x, b, s, z, None, k, n, 4, bs)
+    ref = uniform.matmul_nbits(x, b, s, z, None, k, n, 4, bs)
     _close(cuda_ops.matmul_nbits(*_cuda(x, b, s, z), None, k, n, 4, bs).cpu(), ref)
 
 
@@ -77,11 +80,11 @@ def test_gemv_adds_outliers(cuda_ops, m):
     q = pack(torch.randint(0, 8, (n, k), generator=g), 3)
     lut = torch.randn(n, 8, generator=g).half()
     x = torch.randn(m, k, generator=g)
-    sp = kernels.sparse_matmul(x, crow, col, val, n)
+    sp = sparse.sparse_matmul(x, crow, col, val, n)
     csr = _cuda(crow, col, val)
     _close(cuda_ops.matmul_nbits(*_cuda(x, b, s, z), None, k, n, 4, bs, csr).cpu(),
-           kernels.matmul_nbits(x, b, s, z, None, k, n, 4, bs) + sp)
-    _close(cuda_ops.lut_matmul(*_cuda(x, q, lut), 3, k, csr).cpu(), kernels.lut_matmul(x, q, lut, 3, k) + sp)
+           uniform.matmul_nbits(x, b, s, z, None, k, n, 4, bs) + sp)
+    _close(cuda_ops.lut_matmul(*_cuda(x, q, lut), 3, k, csr).cpu(), lut_format.lut_matmul(x, q, lut, 3, k) + sp)
     _close(cuda_ops.sparse_matmul(*_cuda(x), *csr, n).cpu(), sp)
 
 
@@ -96,7 +99,7 @@ def test_lut_matmul_matches_reference(cuda_ops, bits, m, n, k):
     q = pack(torch.randint(0, 1 << bits, (n, k), generator=g), bits)
     lut = torch.randn(n, 1 << bits, generator=g).half()
     x = torch.randn(m, k, generator=g)
-    _close(cuda_ops.lut_matmul(*_cuda(x, q, lut), bits, k).cpu(), kernels.lut_matmul(x, q, lut, bits, k))
+    _close(cuda_ops.lut_matmul(*_cuda(x, q, lut), bits, k).cpu(), lut_format.lut_matmul(x, q, lut, bits, k))
 
 
 

@@ -1,5 +1,6 @@
 """fuse-rotations, insert-hadamard and learn-rotations: exact contract on every family."""
 import copy
+import re
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_exact_on_stories(stories_ir, stories_model, kind):
     assert rel(stories_ir(x), ref) <= 1e-4 and stories_ir.stats[-1]["r4"] == 5   # hidden 172: H_172
 
 
-@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+@pytest.mark.parametrize("kind", ["hadamard", pytest.param("orthogonal", marks=pytest.mark.slow)])
 def test_exact_on_default_model(_smol_captured, smol_model, kind):
     ir = copy.deepcopy(_smol_captured)
     x = torch.tensor([ir.tokenizer.encode("Rotations leave the function unchanged, up to rounding.")])
@@ -69,29 +70,44 @@ def test_twice_is_idempotent_or_rejected():
     def graph_text():   # the dump without its '# pipeline:' header, which lists every entry run
         return format_ir(ir).split("\n", 2)[2]
     text = graph_text()
-    res = PassManager("fuse-rotations{kind=hadamard},insert-hadamard").run(ir)
+    res = PassManager("fuse-rotations{kind=hadamard},insert-hadamard", done=ir.passes_run).run(ir)
     assert [r.modified for r in res] == [False, False] and graph_text() == text
     with pytest.raises(PipelineError, match="already rotated.*refusing to rotate it again"):
-        PassManager("fuse-rotations{kind=orthogonal}").run(ir)
+        PassManager("fuse-rotations{kind=orthogonal}", done=ir.passes_run).run(ir)
 
 
 def test_refusals_name_the_reason():
+    # declared order: refused when the text is parsed, before anything runs
+    for text, match in (("fuse-rotations", "'fuse-rotations' needs fold-norms before it"),
+                        ("fold-norms,quantize-weights,fuse-rotations", "'fuse-rotations' must come before 'quantize-weights'"),
+                        ("fold-norms,quantize-weights,insert-hadamard{r3=false}",
+                         "'insert-hadamard{r3=false}' must come before 'quantize-weights'"),
+                        ("fold-norms,learn-rotations,fuse-rotations{kind=learned}",
+                         "'learn-rotations' with loss=ce: needs quantize-weights after it"),
+                        ("fold-norms,fuse-rotations{kind=learned}",
+                         "'fuse-rotations{kind=learned}' with kind=learned: needs learn-rotations before it")):
+        with pytest.raises(PipelineError, match=re.escape(match)):
+            PassManager(text)
+    ir, _ = tiny_ir("llama")
+    PassManager("quantize-weights").run(ir)
+    with pytest.raises(PipelineError, match=re.escape("'fuse-rotations' must come before 'quantize-weights', "
+                                                      "which already ran on this model")):
+        PassManager("fold-norms,fuse-rotations", done=ir.passes_run)
+    # the passes themselves still refuse a graph in the wrong state, naming the reason
     ir, _ = tiny_ir("llama")
     with pytest.raises(PipelineError, match=r"needs folded norms: '.*input_layernorm.weight' still scales"):
-        PassManager("fuse-rotations").run(ir)
+        PassManager("fuse-rotations", done=["fold-norms"]).run(ir)
     ir, _ = tiny_ir("llama")
+    PassManager("fold-norms,quantize-weights").run(ir)
     with pytest.raises(PipelineError, match="already quantized or split; rotate before quantize-weights"):
-        PassManager("fold-norms,quantize-weights,fuse-rotations").run(ir)
-    ir, _ = tiny_ir("llama")
+        PassManager("fuse-rotations", done=["fold-norms"]).run(ir)
     with pytest.raises(PipelineError, match="already quantized or split; insert Hadamard before"):
-        PassManager("fold-norms,quantize-weights,insert-hadamard{r3=false}").run(ir)
+        PassManager("insert-hadamard{r3=false}").run(ir)
     ir, _ = tiny_ir("llama")
     with pytest.raises(PipelineError, match="needs calibration text"):
         PassManager("fold-norms,learn-rotations,fuse-rotations{kind=learned},quantize-weights").run(ir)
-    with pytest.raises(PipelineError, match="no quantize-weights follows"):
-        PassManager("fold-norms,learn-rotations,fuse-rotations{kind=learned}").run(ir)
     with pytest.raises(PipelineError, match="kind=learned needs 'rotations.R1' from learn-rotations"):
-        PassManager("fold-norms,fuse-rotations{kind=learned}").run(ir)
+        PassManager("fuse-rotations{kind=learned}", done=["fold-norms", "learn-rotations"]).run(ir)
 
 
 def test_learn_rotations_on_stories(stories_ir, stories_model, tmp_path):

@@ -25,7 +25,8 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
     from lowbit.ir.load import sha256_files
     from lowbit.passes import RECIPES
     from lowbit.tools import peers as peer_mod
-    from lowbit.tools.cli import _load, _version, compile_model, evaluate
+    from lowbit.ir.load import package_version as _version
+    from lowbit.tools import api
     from lowbit.tools.report import artifact_storage
 
     unknown = [r for r in recipes if r not in RECIPES]
@@ -36,7 +37,7 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
         raise LowbitError(f"unknown peer(s) {', '.join(unknown)} (known: {', '.join(peer_mod.PEERS)})")
     out = Path(out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    ir_fp = _load(model)
+    ir_fp = api.load(model)
     base = {"model": ir_fp.info.source_hash, "text": sha256_files([text]), "calib": sha256_files([calib]),
             "ctx": ctx, "max_tokens": max_tokens, "lowbit": _version("lowbit"), "torch": _version("torch")}
     rows = []
@@ -62,7 +63,7 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
         rows.append(r)
 
     def fp(ir=ir_fp):
-        return {"ppl": evaluate(ir, text, ctx, max_tokens)["ppl"], "bits_per_weight": 32.0,
+        return {"ppl": api.evaluate(ir, text, ctx=ctx, max_tokens=max_tokens)["ppl"], "bits_per_weight": 32.0,
                 "versions": {"torch": _version("torch"), "transformers": _version("transformers")}}
     row("fp32", "fp", "the model as loaded, float32, torch reference backend", fp, "fp32")
     del fp, ir_fp
@@ -72,9 +73,10 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
 
         def run(name=name, pipeline=pipeline):
             art = out / "artifacts" / name
-            compile_model(model, art, pipeline, name, calib, force=True)
+            api.compile(model, name, calib=calib, out=art, force=True)
             st = artifact_storage(art)
-            return {"ppl": evaluate(str(art), text, ctx, max_tokens)["ppl"], "bits_per_weight": st["bits_per_weight"],
+            return {"ppl": api.evaluate(str(art), text, ctx=ctx, max_tokens=max_tokens)["ppl"],
+                    "bits_per_weight": st["bits_per_weight"],
                     "pipeline": pipeline, "artifact": str(art), "versions": {"lowbit": _version("lowbit")}}
         row(name, "lowbit", doc, run, pipeline)
 
@@ -138,11 +140,13 @@ def bench_decode(artifacts: list[str], model: str, out: Path, accuracy_levels=(4
     import statistics
 
     from lowbit.backends.onnx import OrtBackend, cached_export
-    from lowbit.ir.load import DEFAULT_MODEL, fetch_default_gguf, load_tokenizer
-    from lowbit.tools.cli import DEMO_TEXT, _version
+    from lowbit.tools import api
+    from lowbit.ir.load import load_tokenizer
+    from lowbit.ir.load import package_version as _version
+    from lowbit.tools.defaults import DEFAULT_MODEL, DEMO_TEXT, fetch_default_gguf
     from lowbit.tools.generate import generate
 
-    rows = [("fp32", model, "onnxruntime, float32 export of the source model", cached_export(model, log=log), 0)]
+    rows = [("fp32", model, "onnxruntime, float32 export of the source model", cached_export(api.load(model), log=log), 0)]
     for a in artifacts:
         for level in accuracy_levels:
             path = cached_export(a, accuracy_level=level, log=log)

@@ -49,7 +49,7 @@ def _fp32_onnx(model_spec: str, out: Path) -> Path:
     path = out / "peers" / "fp32.onnx"
     if path.is_file():
         return path
-    from lowbit.ir.load import load_model
+    from lowbit.tools.defaults import load_model
     model, _, _ = load_model(model_spec)
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=4096)
     prog = torch.onnx.export(_Logits(model).eval(), (torch.randint(0, 100, (2, 64)),), dynamo=True,
@@ -82,7 +82,7 @@ def _ort(config: str):
         import onnxruntime as ort
         from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                      HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
-        from lowbit.ir.load import load_model
+        from lowbit.tools.defaults import load_model
         from lowbit.tools.evaluate import perplexity
         import logging
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)   # one INFO line per node
@@ -111,7 +111,7 @@ def _ort(config: str):
 def _torch_peer(quantize_fn, pkgs):
     def run(model_spec, text, ctx, max_tokens, out):
         versions = _need(*pkgs)
-        from lowbit.ir.load import load_model
+        from lowbit.tools.defaults import load_model
         from lowbit.tools.evaluate import perplexity
         model, tok, _ = load_model(model_spec)
         bpw = quantize_fn(model)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lowbit.ir.quant import QuantSpec, dequantize, fit_groups, pack, pack_weight, quantize, unpack
+from lowbit.ir.formats import pack, unpack
+from lowbit.ir.formats.uniform import QuantSpec, dequantize, fit_groups, pack_weight, quantize
 
 
 @settings(max_examples=60, deadline=None)
@@ -33,16 +34,18 @@ def test_rtn_error_within_half_step(bits, group, sym, k, seed):
     spec = QuantSpec(bits, group, sym)
     w = torch.randn(6, k, generator=torch.Generator().manual_seed(seed))
     p = pack_weight(w, spec)
-    w_hat = dequantize(p.qweight, p.scales, p.zeros, bits, group, k)
-    assert w_hat.shape == w.shape and p.scales.shape == (6, spec.n_groups(k))
-    step = p.scales.float()[:, torch.arange(k) // spec.group_size(k)]
+    t = p.tensors
+    w_hat = dequantize(t["qweight"], t["scales"], t["zeros"], bits, group, k)
+    assert torch.equal(w_hat, p.w_hat())
+    assert w_hat.shape == w.shape and t["scales"].shape == (6, spec.n_groups(k))
+    step = t["scales"].float()[:, torch.arange(k) // spec.group_size(k)]
     assert ((w - w_hat).abs() <= step * 0.5 + 1e-3 * w.abs().max()).all()
 
 
 def test_symmetric_has_no_zero_points_and_asymmetric_packs_them():
     w = torch.randn(4, 64)
-    assert pack_weight(w, QuantSpec(4, 32, True)).zeros is None
-    z = pack_weight(w, QuantSpec(4, 32, False)).zeros
+    assert pack_weight(w, QuantSpec(4, 32, True)).tensors["zeros"] is None
+    z = pack_weight(w, QuantSpec(4, 32, False)).tensors["zeros"]
     assert z.dtype == torch.uint8 and z.shape == (4, 1)
 
 

@@ -1,0 +1,198 @@
+"""lowbit as a library: load, compile, evaluate, export and run a model. The `lowbit` command
+line, the benchmarks and the tests call these functions.
+
+Example (stories260K from the shared data, a 260K-parameter Llama):
+
+    from lowbit.tools import api
+
+    art = api.compile("stories260K/stories260K.bin", recipe="w4-rtn-g32-asym", out="stories-w4")
+    print(api.evaluate(art.ir, "tinystories/valid-snippet.txt", max_tokens=4096)["ppl"])
+    print(api.run("stories-w4", "Once upon a time", max_new_tokens=20)["text"])
+    api.export("stories-w4", "stories-w4.onnx")          # KV-cache decoder, int4 as MatMulNBits
+
+A model is a Hugging Face checkpoint directory, a .gguf file, a llama2.c .bin checkpoint, a
+lowbit artifact directory, or the default model's name ('smollm2-135m', fetched once). Errors a
+user can act on raise LowbitError with a one-line message. Progress is reported through the
+`lowbit` logger."""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.ir.errors import LowbitError
+from lowbit.ir.graph import IR
+from lowbit.ir.load import package_version
+
+log = logging.getLogger("lowbit")
+
+
+@dataclass
+class Compiled:
+    """What `compile` produced: the compiled IR, the manifest written beside it, seconds per pass."""
+    ir: IR
+    manifest: dict
+    seconds: list[tuple[str, float]]
+    out: Path | None
+
+
+def load(model, tokenizer: str | None = None) -> IR:
+    """Load and capture a model (or load an artifact) into the IR."""
+    from lowbit.ir.load import load as load_ir
+    from lowbit.tools.defaults import resolve
+    path, name, source_hash = resolve(model)
+    return load_ir(path, tokenizer, name, source_hash)
+
+
+def pipeline_text(recipe: str | None = None, passes: str | None = None) -> tuple[str, str | None]:
+    """(pipeline text, recipe name) from a recipe name or pipeline text (default: the default recipe)."""
+    from lowbit.passes import DEFAULT_RECIPE, RECIPES
+    if passes and recipe:
+        raise LowbitError("give a recipe or a pipeline, not both")
+    if passes:
+        return passes, None
+    name = recipe or DEFAULT_RECIPE
+    if name not in RECIPES:
+        raise LowbitError(f"unknown recipe '{name}' (known: {', '.join(RECIPES)})")
+    return RECIPES[name][0], name
+
+
+def compile(model, recipe: str | None = None, *, passes: str | None = None, calib=None, out=None, seed: int = 0,
+            tokenizer: str | None = None, force: bool = False, dump_ir=None, verify: bool = False,
+            diff: bool = False, provenance: bool = False, progress: bool = True) -> Compiled:
+    """Run a recipe (or a pipeline text) on a model; with `out`, write the artifact there.
+    calib: a text file for the passes that calibrate (never the evaluation text)."""
+    from lowbit.ir.artifact import check_output_dir, is_artifact, read_manifest, save_artifact
+    from lowbit.ir.load import sha256_files
+    from lowbit.passes import PassContext, PassManager
+    from lowbit.passes.instruments import DumpIR, NumericDiff, Provenance, Timing, Verify
+    from lowbit.tools.evaluate import read_text, windows
+    from lowbit.tools.report import storage
+
+    if out is not None:
+        check_output_dir(Path(out), force)
+    t0 = time.perf_counter()
+    text, recipe = pipeline_text(recipe, passes)
+    done = read_manifest(model).get("pipeline_entries", []) if is_artifact(model) else []
+    pm = PassManager(text, done=done)   # parsed and checked before the (slow) load: typos fail fast
+    torch.manual_seed(seed)
+    ir = load(model, tokenizer)
+    calib_info, calib_win = None, None
+    if calib:
+        calib_win = windows(ir.tokenizer.encode(read_text(calib)), min(512, ir.info.max_ctx), 128 * 512)
+        calib_info = {"path": str(calib), "sha256": sha256_files([calib]), "windows": len(calib_win)}
+    timing = Timing()
+    pm.instruments = [timing] + ([Provenance()] if provenance else []) + ([DumpIR(dump_ir)] if dump_ir else []) \
+        + ([Verify()] if verify else [])
+    if diff:
+        pm.instruments.append(NumericDiff(torch.randint(0, ir.info.vocab_size, (2, 64),
+                                                        generator=torch.Generator().manual_seed(seed))))
+    log.info("running %s", pm)
+    pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress))
+    manifest = {"lowbit_version": package_version("lowbit"), "torch_version": torch.__version__,
+                "transformers_version": package_version("transformers"), "python": platform.python_version(),
+                "seed": seed, "recipe": recipe, "calibration": calib_info,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "compile_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                "storage": {k: v for k, v in storage(ir).items() if k != "linears"}}
+    if out is not None:
+        save_artifact(ir, Path(out), manifest, force=force)
+        log.info("wrote %s in %ss (peak memory %.0f MB)", out, manifest["compile_seconds"], manifest["peak_rss_mb"])
+    return Compiled(ir, manifest, timing.seconds, Path(out) if out is not None else None)
+
+
+def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int = 4, backend: str = "torch",
+             accuracy_level: int = 4, progress: bool = True) -> dict:
+    """Perplexity of a model, artifact or IR on a text file: its first `max_tokens` tokens in
+    windows of `ctx`, through the torch reference runtime or onnxruntime (`backend='ort'`)."""
+    from lowbit.tools.evaluate import check_ctx, perplexity, read_text, windows
+    text = read_text(text)
+    ir = model.ir if isinstance(model, Compiled) else model if isinstance(model, IR) else load(model)
+    check_ctx(ctx, ir.info.max_ctx)
+    if ir.tokenizer is None:
+        raise LowbitError(f"{ir.info.source} carries no tokenizer")
+    win = windows(ir.tokenizer.encode(text), ctx, max_tokens)
+    if backend == "torch":
+        from lowbit.backends.reference import ReferenceBackend
+        logits = ReferenceBackend(ir).logits
+    elif backend == "ort":
+        import tempfile
+
+        from lowbit.backends.onnx import OrtBackend, export_onnx
+        with tempfile.TemporaryDirectory() as tmp:
+            log.info("exporting to ONNX (flavor ort, accuracy level %d) for onnxruntime", accuracy_level)
+            logits = OrtBackend(export_onnx(ir, Path(tmp) / "model.onnx", accuracy_level=accuracy_level)).logits
+    else:
+        raise LowbitError(f"backend must be torch or ort, not '{backend}'")
+    t = time.perf_counter()
+    res = perplexity(logits, win, batch=batch, progress=progress)
+    return {**res, "seconds": round(time.perf_counter() - t, 2), "backend": backend}
+
+
+def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: str = "decoder",
+           accuracy_level: int = 4) -> Path:
+    """Export an artifact: ONNX (flavor ort, qdq or trt; the KV-cache decoder or the full-sequence
+    form), or a TensorRT engine (format 'trt', built from the trt flavor; needs TensorRT)."""
+    from lowbit.backends.onnx import export_onnx
+    from lowbit.ir.artifact import is_artifact
+    if not is_artifact(artifact):
+        raise LowbitError(f"{artifact}: not a lowbit artifact (no manifest.json and graph.json)")
+    if format == "trt":
+        import tempfile
+
+        from lowbit.backends.tensorrt import build_engine
+        with tempfile.TemporaryDirectory() as tmp:
+            return build_engine(export_onnx(load(artifact), Path(tmp) / "model.onnx", "trt"), Path(out))
+    if format != "onnx":
+        raise LowbitError(f"format must be onnx or trt, not '{format}'")
+    return export_onnx(load(artifact), Path(out), flavor, form, accuracy_level)
+
+
+def decoder(model, backend: str = "torch", device: str = "cpu", accuracy_level: int = 4):
+    """(KV-cache decoder, tokenizer) of a model or artifact: the torch reference runtime (on the
+    CPU, or a GPU with the CUDA plugins) or onnxruntime over the artifact's ONNX export."""
+    from lowbit.tools.generate import TorchDecoder
+    if backend == "torch":
+        ir = model if isinstance(model, IR) else load(model)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise LowbitError("--device cuda: torch sees no CUDA device")
+        return TorchDecoder(ir, device), ir.tokenizer
+    from lowbit.backends.onnx import OrtBackend, cached_export
+    from lowbit.ir.artifact import is_artifact
+    from lowbit.ir.load import load_tokenizer
+    if not is_artifact(model):
+        raise LowbitError(f"{model}: --backend ort runs a lowbit artifact (compile one first)")
+    return OrtBackend(cached_export(model, "ort", accuracy_level, log=log.info)), load_tokenizer(Path(model) / "tokenizer")
+
+
+def run(model, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+        backend: str = "torch", device: str = "cpu", accuracy_level: int = 4, on_text=None) -> dict:
+    """Generate a continuation of `prompt` token by token (greedy unless temperature > 0); returns
+    the text, the new ids and prefill/decode speeds. on_text(piece) receives the text as it grows."""
+    from lowbit.tools.generate import generate
+    if max_new_tokens < 1:
+        raise LowbitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    dec, tok = decoder(model, backend, device, accuracy_level)
+    if tok is None:
+        raise LowbitError(f"{model} carries no tokenizer")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise LowbitError("the prompt is empty")
+    shown = []
+
+    def show(t):   # decode the whole continuation each time: tokens need not be whole characters
+        prev = tok.decode(shown)
+        shown.append(t)
+        if on_text:
+            on_text(tok.decode(shown)[len(prev):])
+    res = generate(dec, ids, max_new_tokens, temperature, top_k, seed, eos=getattr(tok, "eos_id", None), on_token=show)
+    return {**res, "text": tok.decode(shown), "backend": dec.name}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
