@@ -8,6 +8,7 @@ Linears are `aten.linear` nodes whose weight is a parameter or a weight format's
 tensors (ir/formats), optionally plus an additive format's (sparse outliers). A structure that does not fit raises StructureError naming the node."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -34,6 +35,8 @@ class Linear:
     quantized: bool
     weight_node: fx.Node     # get_attr of the weight, or the dequantize node that makes it
     sparse: tuple[str, str, str] | None = None   # CSR (crow, col, val) targets added to the weight
+    home: str = ""           # where tensors derived from this linear's weight live: its module path,
+    #                          or its weight's own path where several linears share a module
 
     @property
     def name(self) -> str:
@@ -234,6 +237,10 @@ def analyze(ir) -> Structure:
     g = ir.graph
     G = _Graph(g)
     linears = {n.name: _linear(n, ir) for n in g.nodes if _is(n, aten.linear.default)}
+    shared = Counter(lin.module for lin in linears.values())
+    for lin in linears.values():
+        # beside the weight, not under it (a parameter holds no tensors): "a.b.w" -> "a.b_w"
+        lin.home = lin.module if lin.module and shared[lin.module] == 1 else "_".join(lin.weight.rsplit(".", 1))
     norms = [_norm_at(n) for n in g.nodes if _is(n, aten.rsqrt.default)]
     for norm in norms:
         for u in norm.output.users:

@@ -38,7 +38,7 @@ class FoldNorms(Pass):
                 w_node = lin.node.args[1]
                 w = ir.tensor(w_node.target).double() * scale
                 if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader
-                    target = f"{lin.module or lin.node.name}.weight.folded"
+                    target = f"{lin.home}.weight.folded"
                     lin.node.replace_input_with(w_node, ir.param(target, w.float(), lin.node))
                     untied.append(lin.name)
                 else:

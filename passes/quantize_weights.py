@@ -27,42 +27,48 @@ _MIN_SQNR_DB = {2: -10.0, 3: 0.0, 4: 5.0, 5: 10.0, 6: 15.0, 7: 20.0, 8: 25.0}
 
 
 # -- schemes: what each method needs, as data -----------------------------------------------------------
+class Scheme:
+    """What a method needs besides the weight: each linear's input Hessian (from the graph walk over
+    the calibration batch) and the diagonal Fisher information (calibration gradients)."""
+    hessian: ClassVar[bool] = False
+    fisher: ClassVar[bool] = False
+
+
 @dataclass(frozen=True)
-class RTN:
+class RTN(Scheme):
     """Round to nearest on a uniform grid; clip searches each group's range by weight MSE."""
     spec: QuantSpec
     clip: bool = False
-    hessian: ClassVar[bool] = False
-    fisher: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColumnWalk(Scheme):
+    """Options of GPTQ's column walk: dampening (a fraction of mean diag H), columns by decreasing
+    H diagonal (with static groups)."""
+    damp: float = 0.01
+    act_order: bool = True
 
 
 @dataclass(frozen=True)
-class GPTQ:
+class GPTQ(ColumnWalk):
     """GPTQ's column walk with error feedback through the inverse Hessian, static groups."""
     spec: QuantSpec
     clip: bool = False
-    damp: float = 0.01
-    act_order: bool = True
     hessian: ClassVar[bool] = True
-    fisher: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
-class FineQuant:
+class FineQuant(Scheme):
     """Symmetric int4/int8 with a group size chosen per matrix (down to min_group), data-free."""
     bits: int
     min_group: int
-    hessian: ClassVar[bool] = False
-    fisher: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
-class SqueezeLLM:
-    """Fisher-weighted k-means lookup table per output row; codes by nearest entry, or by GPTQ."""
+class SqueezeLLM(ColumnWalk):
+    """Fisher-weighted k-means lookup table per output row; codes by nearest entry, or by GPTQ's walk."""
     bits: int
     gptq: bool = False
-    damp: float = 0.01
-    act_order: bool = True
     fisher: ClassVar[bool] = True
 
     @property
@@ -143,9 +149,9 @@ def finequant_group(w: torch.Tensor, bits: int, min_group: int) -> int:
 
 
 SCHEMES = {"rtn": lambda c: RTN(QuantSpec(c.bits, c.group, c.sym), c.clip),
-           "gptq": lambda c: GPTQ(QuantSpec(c.bits, c.group, c.sym), c.clip, c.damp, c.act_order),
+           "gptq": lambda c: GPTQ(QuantSpec(c.bits, c.group, c.sym), c.clip, damp=c.damp, act_order=c.act_order),
            "finequant": lambda c: FineQuant(c.bits, c.group),
-           "squeezellm": lambda c: SqueezeLLM(c.bits, c.gptq, c.damp, c.act_order)}
+           "squeezellm": lambda c: SqueezeLLM(c.bits, c.gptq, damp=c.damp, act_order=c.act_order)}
 
 
 @register
@@ -238,7 +244,7 @@ class QuantizeWeights(Pass):
     def _rewrite(self, ir, lin, p: Packed, w, w_hat):
         """linear(x, W, b) -> linear(x, op(packed tensors...), b); a sparse_add of outliers stays
         between the two (its values already absorb the dense error where they sit)."""
-        base = (lin.module or lin.node.name) + ".q"
+        base = lin.home + ".q"
         user = next(iter(u for u in lin.weight_node.users if u is lin.node or lin.node in u.users))
         attrs = [ir.param(f"{base}.{k}", t, user) if t is not None else None for k, t in p.tensors.items()]
         ir.insert(p.format.op, (*attrs, *p.consts), before=user, typ=f"f32[{w.shape[0]},{w.shape[1]}]",

@@ -55,7 +55,7 @@ class SplitOutliers(Pass):
             crow, col, val = to_csr(mask, w)
             dense = w.clone()
             dense[mask] -= val.float()   # boolean indexing is row-major, the order of CSR values
-            base = (lin.module or lin.node.name) + ".sparse"
+            base = lin.home + ".sparse"
             names = {"dense": dense, "crow": crow, "col": col, "val": val}
             attrs = [ir.param(f"{base}.{k}", t, lin.node) for k, t in names.items()]
             ir.insert(sparse_add._opoverload, attrs, before=lin.node, swap=(lin.weight_node, [lin.node]),

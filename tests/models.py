@@ -1,5 +1,5 @@
 """Small models the tests build: transformers configs with random weights for six families,
-and the real checkpoints found through LOWBIT_DATA."""
+and the real checkpoints found through LOWBIT_DATA; a runner for the command line."""
 import os
 from pathlib import Path
 
@@ -47,3 +47,15 @@ def tiny_ir(family: str, seed: int = 0):
     model = tiny_model(family, seed)
     info = ModelInfo(family, model.config.vocab_size, model.config.max_position_embeddings, f"tiny-{family}", "")
     return capture(model, info), model
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`lowbit ARGV` in this process: (exit status, stdout, stderr)."""
+    from lowbit.tools.cli import main
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

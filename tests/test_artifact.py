@@ -9,7 +9,7 @@ from lowbit.ir.errors import LowbitError
 from lowbit.ir.printer import format_ir
 from lowbit.passes import PassManager
 from lowbit.tools.report import artifact_storage, storage
-from models import DATA, need_data
+from models import DATA, need_data, run_cli
 
 
 def test_round_trip_exact(stories_ir, tmp_path):
@@ -85,16 +85,6 @@ def _inject(nodes, call: dict, pick_logits: bool = True):
     return nodes
 
 
-def _run_cli(capsys, *argv):
-    from lowbit.tools.cli import main
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("call,match", [
     ({"target": "builtins.exec", "args": {"list": ["open({sentinel!r}, 'w').write('ran')"]}}, "calls builtins.exec"),
     ({"target": "builtins.eval", "args": {"list": ["open({sentinel!r}, 'w').write('ran')"]}}, "calls builtins.eval"),
@@ -130,7 +120,7 @@ def test_malicious_graphs_are_refused_before_anything_runs(clean_artifact, tmp_p
     call = json.loads(json.dumps(call).replace("{sentinel!r}", repr(str(sentinel)).replace('"', '\\"'))
                       .replace("{sentinel}", str(sentinel)))
     _write(art, _inject(_nodes(art), call, pick_logits=call.get("op", "call_function") == "call_function"))
-    code, err = _run_cli(capsys, "eval", str(art), "--text", str(DATA / "tinystories" / "valid-snippet.txt"),
+    code, _, err = run_cli(capsys, "eval", str(art), "--text", str(DATA / "tinystories" / "valid-snippet.txt"),
                          "--max-tokens", "1024")
     lines = [ln for ln in err.splitlines() if ln.startswith("lowbit: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err

@@ -8,18 +8,9 @@ import pytest
 
 from lowbit.tools.cli import main
 from models import DATA, STORIES, need_data
+from models import run_cli as run
 
 TEXT = DATA / "tinystories" / "valid-snippet.txt"
-
-
-def run(capsys, *argv):
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowbit.ir.printer import format_ir
-from lowbit.passes import PassContext
+from lowbit.passes import PassContext, PassManager
 from lowbit.passes.fold_norms import FoldNorms
 from models import FAMILIES, tiny_ir
 
@@ -57,3 +57,12 @@ def test_fold_norms_stories(stories_ir, stories_model):
         ref = stories_model(x).logits
     assert FoldNorms().run(stories_ir, PassContext()).modified
     assert rel(stories_ir(x), ref) <= 1e-4
+
+
+def test_before_expected():
+    """Each norm's scale moves into the linears reading it; the norms become pure normalizations."""
+    from graphs import Tiny, assert_matches, folded, ir_of, weights
+    w = weights()
+    ir = ir_of(Tiny(w))
+    PassManager("fold-norms").run(ir)
+    assert_matches(ir, ir_of(Tiny(folded(w), norms=False)), rtol=1e-5)

@@ -46,3 +46,29 @@ def test_torch_target_changes_nothing():
     before = [n.target for n in ir.graph.nodes]
     assert not PassManager("lower-kernels{target=torch}").run(ir)[0].modified
     assert [n.target for n in ir.graph.nodes] == before
+
+
+def test_before_expected():
+    """target=onnx-ort: each int4 linear becomes one lowbit.matmul_nbits over MatMulNBits' layout."""
+    import torch.nn.functional as F
+
+    from graphs import NAMES, Tiny, assert_matches, ir_of, weights
+    from lowbit.ir.formats.uniform import QuantSpec, matmul_nbits, pack_weight, to_matmul_nbits
+    w = weights()
+    ir = ir_of(Tiny(w))
+    PassManager("quantize-weights{method=rtn,bits=4,group=16,sym=false},lower-kernels{target=onnx-ort}").run(ir)
+
+    def mm(name, x, m):
+        if name == "lm_head":
+            return F.linear(x, m.lin[name])
+        n, k = w[name].shape
+        return matmul_nbits(x, *(getattr(m, f"{name}_{t}") for t in ("B", "scales", "zero_points")), None, k, n, 4,
+                            getattr(m, f"{name}_block"))
+    expected = Tiny(w, matmul=mm)
+    for name in NAMES[:-1]:
+        t = pack_weight(w[name], QuantSpec(4, 16, False)).tensors
+        b, s, z, bs = to_matmul_nbits(t["qweight"], t["scales"], t["zeros"], 4, 16, w[name].shape[1])
+        for key, v in (("B", b), ("scales", s), ("zero_points", z)):
+            expected.register_buffer(f"{name}_{key}", v)
+        setattr(expected, f"{name}_block", bs)
+    assert_matches(ir, ir_of(expected))

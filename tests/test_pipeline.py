@@ -43,9 +43,8 @@ def test_parse_errors(text, match):
         parse_pipeline(text)
 
 
-class _BreakExact(Pass):
-    """Test-only: scales one weight but claims to be exact."""
-    name = "test-break-exact"
+class _TestPass(Pass):
+    """Test-only passes: no options, an exact contract."""
 
     @dataclass(frozen=True)
     class Config:
@@ -54,22 +53,20 @@ class _BreakExact(Pass):
     def contract(self):
         return Exact(1e-4)
 
+
+class _BreakExact(_TestPass):
+    """Test-only: scales one weight but claims to be exact."""
+    name = "test-break-exact"
+
     def run(self, ir, ctx):
         lin = next(iter(ir.analysis.linears.values()))
         ir.set_tensor(lin.weight, ir.tensor(lin.weight) * 1.5)
         return PassResult(True)
 
 
-class _LeaveDead(Pass):
+class _LeaveDead(_TestPass):
     """Test-only: leaves a dead node behind."""
     name = "test-leave-dead"
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def contract(self):
-        return Exact()
 
     def run(self, ir, ctx):
         x = next(n for n in ir.graph.nodes if n.op == "placeholder")
@@ -141,16 +138,9 @@ def test_timing_and_provenance():
     assert not any(meta.CREATED_BY in n.meta for n in ir.graph.nodes if n.target is aten.linear.default)
 
 
-class _BadResult(Pass):
+class _BadResult(_TestPass):
     """Test-only: returns a non-bool modified."""
     name = "test-bad-result"
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def contract(self):
-        return Exact()
 
     def run(self, ir, ctx):
         return PassResult(1)

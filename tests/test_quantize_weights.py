@@ -106,3 +106,18 @@ def test_finequant_pass_reports_groups_and_trades_bits_for_error(stories_ir):
     # bits/weight, against int4 RTN per-channel 21.73 dB (4.21) and group 32 22.22 dB (4.51)
     assert groups["model.layers.0.mlp.down_proj"] == 128
     assert sqnr_db(ref, stories_ir(x)) > 22.0 and res.stats["bits_per_weight"] < 4.3
+
+
+def test_before_expected():
+    """Every linear but lm_head reads lowbit.dequantize of its packed codes, scales and zero points."""
+    from graphs import NAMES, Tiny, assert_matches, ir_of, weights
+    from lowbit.ir.formats.uniform import QuantSpec, dequantize, pack_weight
+    w = weights()
+    ir = ir_of(Tiny(w))
+    PassManager("quantize-weights{method=rtn,bits=4,group=4,sym=false}").run(ir)
+    expected = Tiny(w, weight=lambda name, m: m.lin[name] if name == "lm_head" else dequantize(
+        *(getattr(m, f"{name}_{k}") for k in ("qweight", "scales", "zeros")), 4, 4, w[name].shape[1]))
+    for name in NAMES[:-1]:
+        for k, t in pack_weight(w[name], QuantSpec(4, 4, False)).tensors.items():
+            expected.register_buffer(f"{name}_{k}", t)
+    assert_matches(ir, ir_of(expected))

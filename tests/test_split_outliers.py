@@ -55,3 +55,24 @@ def test_split_outliers_is_exact_and_picks_sensitive_and_large(stories_ir, calib
     assert res["density"] == pytest.approx(0.01, rel=0.05)
     # idempotent
     assert not PassManager("split-outliers").run(stories_ir, ctx)[0].modified
+
+
+def test_before_expected():
+    """Each linear but lm_head reads lowbit.sparse_add(dense, crow, col, val): its largest values in
+    CSR (fp16), the dense remainder holding the rest, exactly."""
+    from graphs import NAMES, Tiny, assert_matches, ir_of, weights
+    from lowbit.ir.formats.sparse import sparse_add
+    w = weights()
+    ir = ir_of(Tiny(w))
+    PassManager("split-outliers{fraction=0.1,sensitive=0}").run(ir)
+    expected = Tiny(w, weight=lambda name, m: m.lin[name] if name == "lm_head" else sparse_add(
+        *(getattr(m, f"{name}_{k}") for k in ("dense", "crow", "col", "val"))))
+    for name in NAMES[:-1]:
+        mask = torch.zeros(w[name].numel(), dtype=torch.bool)
+        mask[w[name].abs().flatten().topk(round(0.1 * mask.numel())).indices] = True
+        crow, col, val = to_csr(mask.view_as(w[name]), w[name])
+        dense = w[name].clone()
+        dense[mask.view_as(w[name])] -= val.float()
+        for k, t in (("dense", dense), ("crow", crow), ("col", col), ("val", val)):
+            expected.register_buffer(f"{name}_{k}", t)
+    assert_matches(ir, ir_of(expected), rtol=0)
