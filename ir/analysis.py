@@ -233,14 +233,48 @@ class _Graph:
         return sorted(found, key=lambda m: m.meta.get(meta.HANDLE, 0))
 
 
-def analyze(ir) -> Structure:
+@dataclass
+class Linears:
+    """Every linear of a graph and the one that makes the logits: all that passes quantizing
+    weights need, found without the rest of the structure (any captured causal LM has it)."""
+    linears: dict[str, Linear]          # by node name
+    lm_head: Linear | None
+    skipped: dict[str, str] = field(default_factory=dict)   # node name -> why it is not a Linear
+
+
+def find_linears(ir, strict: bool = False) -> Linears:
+    """The graph's linears; a linear whose weight is not a stored tensor (or a weight format's op
+    over stored tensors) is skipped with the reason, or, strict, refused."""
     g = ir.graph
-    G = _Graph(g)
-    linears = {n.name: _linear(n, ir) for n in g.nodes if _is(n, aten.linear.default)}
+    linears, skipped = {}, {}
+    for n in g.nodes:
+        if _is(n, aten.linear.default):
+            try:
+                linears[n.name] = _linear(n, ir)
+            except StructureError as e:
+                if strict:
+                    raise
+                skipped[n.name] = str(e)
+    for n in g.nodes:   # stored matrices something other than a linear or an embedding multiplies (MoE experts)
+        if n.op == "get_attr" and ir.tensor(n.target).is_floating_point() and ir.tensor(n.target).dim() >= 2:
+            for u in n.users:
+                if u.op == "call_function" and not _is(u, aten.linear.default, aten.embedding.default, *formats.DENSE_OPS,
+                                                        *formats.ADDITIVE_OPS) and u.name not in skipped:
+                    skipped[u.name] = f"{n.target} is read by {u.target}, not by a linear: left in float"
     shared = Counter(lin.module for lin in linears.values())
     for lin in linears.values():
         # beside the weight, not under it (a parameter holds no tensors): "a.b.w" -> "a.b_w"
         lin.home = lin.module if lin.module and shared[lin.module] == 1 else "_".join(lin.weight.rsplit(".", 1))
+    out = next(n for n in g.nodes if n.op == "output")
+    heads = _Graph(g).nearest(out, False, lambda m: m.name in linears or m.name in skipped)
+    lm_head = linears.get(heads[0].name) if len(heads) == 1 else None
+    return Linears(linears, lm_head, skipped)
+
+
+def analyze(ir) -> Structure:
+    g = ir.graph
+    G = _Graph(g)
+    linears = find_linears(ir, strict=True).linears
     norms = [_norm_at(n) for n in g.nodes if _is(n, aten.rsqrt.default)]
     for norm in norms:
         for u in norm.output.users:

@@ -47,10 +47,12 @@ FORMAT = "lowbit-artifact/1"
 # OPT, GPT-NeoX, StableLM, OLMo, OLMo2, Granite, Cohere, Starcoder2, Bloom, GLM, ...), those lowbit's
 # passes, decoder rewrite and lowering add, and a few elementwise and layout ops of the same kind.
 # tests/test_artifact.py checks every test family's capture against it. Ops that take raw memory
-# or strides (as_strided, set_), allocate uninitialized memory, or write into their inputs are not here.
+# or strides (as_strided, set_) or allocate uninitialized memory are not here; in-place arithmetic
+# (add_, div_, ...) is, as it writes only into tensors the graph already holds, like its functional form.
 ATEN_OPS = frozenset("""
-    __and__ __or__ _to_copy _unsafe_view abs add addmm alias all any arange argmax baddbmm bitwise_not bmm
-    cat ceil chunk clamp clone contiguous cos cumsum detach diff div dropout embedding eq erf exp expand
+    __and__ __or__ _to_copy _unsafe_view abs add add_ addmm alias all any arange argmax baddbmm bitwise_not
+    bmm broadcast_to cat ceil chunk clamp clone contiguous cos cumsum detach diff div div_ dropout embedding
+    eq erf exp expand lift_fresh_copy mul_ sub_ topk
     flatten floor floor_divide full full_like ge gelu gt index index_select layer_norm le linear log
     logical_and logical_not logical_or lt masked_fill matmul max maximum mean min minimum mm mul ne neg
     new_ones new_zeros ones ones_like permute pow reciprocal relu repeat repeat_interleave reshape rsqrt

@@ -48,8 +48,67 @@ def _is_identity(n: fx.Node) -> bool:
     return isinstance(inp, torch.Tensor) and inp.dtype == out.dtype and inp.device == out.device
 
 
+def _addmm_to_linear(gm: fx.GraphModule):
+    """GPT-2's Conv1D, view(x, [-1, K]) -> addmm(b, ., W [K, N]) -> view(., [..., N]), becomes
+    linear(x, W^T, b) with the weight stored transposed: one kind of linear for every pass."""
+    g = gm.graph
+    for mm in [n for n in g.nodes if n.op == "call_function" and n.target is aten.addmm.default]:
+        bias, flat, w = mm.args[:3]
+        out = next(iter(mm.users)) if len(mm.users) == 1 else None
+        if (mm.kwargs or len(mm.args) != 3 or not all(isinstance(a, fx.Node) for a in (bias, flat, w))
+                or w.op != "get_attr" or len(w.users) != 1 or bias.op != "get_attr"
+                or flat.target not in (aten.view.default, aten.reshape.default)
+                or out is None or out.target not in (aten.view.default, aten.reshape.default)):
+            continue
+        owner, leaf = gm, w.target
+        if "." in leaf:
+            path, leaf = leaf.rsplit(".", 1)
+            owner = gm.get_submodule(path)
+        t = getattr(owner, leaf)
+        setattr(owner, leaf, torch.nn.Parameter(t.detach().t().contiguous(), requires_grad=False))
+        with g.inserting_before(out):
+            lin = g.call_function(aten.linear.default, (flat.args[0], w, bias))
+        lin.meta.update({k: v for k, v in mm.meta.items() if k == "nn_module_stack"})
+        lin.meta["val"] = out.meta.get("val")
+        out.replace_all_uses_with(lin)
+        for n in (out, mm) + ((flat,) if len(flat.users) == 1 else ()):
+            g.erase_node(n)
+
+
+_TRANSPOSES = {aten.numpy_T.default, aten.t.default, aten.transpose.int, aten.permute.default}
+
+
+def _matmul_to_linear(gm: fx.GraphModule):
+    """x @ W.T (+ b) with W a stored matrix (Falcon's linears) becomes linear(x, W, b)."""
+    g = gm.graph
+    for mm in [n for n in g.nodes if n.op == "call_function" and n.target is aten.matmul.default]:
+        x, wt = mm.args
+        if not (isinstance(wt, fx.Node) and wt.target in _TRANSPOSES and len(wt.users) == 1):
+            continue
+        w = wt.args[0]
+        if not (w.op == "get_attr" and getattr(_attr(gm, w.target), "dim", lambda: 0)() == 2
+                and (wt.target is not aten.transpose.int or sorted(a % 2 for a in wt.args[1:]) == [0, 1])
+                and (wt.target is not aten.permute.default or list(wt.args[1]) == [1, 0])):
+            continue
+        out, bias = mm, None
+        add = next(iter(mm.users)) if len(mm.users) == 1 else None
+        if add is not None and add.target is aten.add.Tensor and len(add.args) == 2 and not add.kwargs:
+            other = add.args[1] if add.args[0] is mm else add.args[0]
+            if isinstance(other, fx.Node) and other.op == "get_attr" and _attr(gm, other.target).dim() == 1:
+                out, bias = add, other
+        with g.inserting_before(out):
+            lin = g.call_function(aten.linear.default, (x, w) + ((bias,) if bias is not None else ()))
+        lin.meta.update({k: v for k, v in mm.meta.items() if k == "nn_module_stack"})
+        lin.meta["val"] = out.meta.get("val")
+        out.replace_all_uses_with(lin)
+        for n in (out, mm, wt) if out is not mm else (mm, wt):
+            g.erase_node(n)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
+    _addmm_to_linear(gm)
+    _matmul_to_linear(gm)
     for n in list(g.nodes):
         if n.op == "call_module" and n.target == "_guards_fn" or n.op == "call_function" and n.target in _DROP:
             g.erase_node(n)

@@ -40,7 +40,11 @@ class IR:
         self.extra_tensors: dict[str, torch.Tensor] = {}   # kept with the artifact, not read by the graph
         self.scratch: dict[Any, Any] = {}   # results passes share within one compile (not saved)
         self._analysis = None
+        self._linears = None
         self._next_handle = 1 + max((n.meta.get(meta.HANDLE, 0) for n in gm.graph.nodes), default=0)
+
+    def __getstate__(self):   # copies recompute analyses (they hold this graph's nodes)
+        return {**self.__dict__, "_analysis": None, "_linears": None}
 
     @property
     def graph(self) -> fx.Graph:
@@ -54,9 +58,19 @@ class IR:
             self._analysis = analyze(self)
         return self._analysis
 
+    @property
+    def linears(self):
+        """Every linear and the lm_head (analysis.find_linears): what weight quantizers need, found
+        on any captured graph, whatever the rest of its structure."""
+        if self._linears is None:
+            from .analysis import find_linears
+            self._linears = find_linears(self)
+        return self._linears
+
     def changed(self):
         """Call after editing the graph or its tensors: drops stale analysis, recompiles."""
         self._analysis = None
+        self._linears = None
         self.gm.recompile()
 
     # -- nodes ---------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ class QuantizeWeights(Pass):
     def run(self, ir, ctx: PassContext) -> PassResult:
         c = self.config
         scheme = c.scheme()
-        s = ir.analysis
+        s = ir.linears   # no other structure: any captured model's linears
         todo = [lin for lin in s.linears.values() if not lin.quantized and (c.lm_head or lin is not s.lm_head)]
         if not todo:
             return PassResult(False)
@@ -210,7 +210,10 @@ class QuantizeWeights(Pass):
             self._rewrite(ir, lin, *stored[lin.node])
         ir.remove_dead()
         ir.changed()
-        return PassResult(True, self._stats(todo, stored))
+        stats = self._stats(todo, stored)
+        if s.skipped:   # linears whose weight is computed, not stored: left in float, and said so
+            stats["not_quantized"] = s.skipped
+        return PassResult(True, stats)
 
     def _quantize(self, ir, ctx, scheme, todo) -> dict:
         """{linear node: (Packed, whole W, whole W_hat)}, the whole being dense plus sparse outliers."""

@@ -19,7 +19,7 @@ def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
         return ir.scratch[key]
     if ctx.calib is None:
         raise PassFailure("needs calibration text for the Fisher information (compile --calib FILE)")
-    lins = [lin for lin in ir.analysis.linears.values() if not lin.quantized]
+    lins = [lin for lin in ir.linears.linears.values() if not lin.quantized]
     params = {lin.weight: ir.tensor(lin.weight).detach().float().requires_grad_() for lin in lins}
     acc = {t: torch.zeros_like(p) for t, p in params.items()}
     seqs = ctx.calib[:samples]

@@ -34,7 +34,7 @@ class SplitOutliers(Pass):
 
     def run(self, ir, ctx: PassContext) -> PassResult:
         c = self.config
-        s = ir.analysis
+        s = ir.linears   # no other structure: any captured model's linears
         todo = [lin for lin in s.linears.values() if c.lm_head or lin is not s.lm_head]
         if any(lin.frozen for lin in todo) or not todo or c.fraction == 0:
             if any(lin.quantized for lin in todo):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lowbit.ir import meta
-from models import FAMILIES, tiny_ir
+from models import FAMILIES, MORE_FAMILIES, tiny_ir
 
 aten = torch.ops.aten
 
@@ -54,3 +54,15 @@ def test_capture_stories_exact(stories_ir, stories_model):
         assert rel(stories_ir(x), stories_model(x).logits) <= 1e-5
     s = stories_ir.analysis.summary()
     assert (s["layers"], s["heads"], s["kv_heads"], s["head_dim"], s["tied_embedding"]) == (5, 8, 4, 8, True)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_capture_exact_on_more_families(family):
+    """Captured exactly, with GPT-2's Conv1D (addmm over a transposed weight) and Falcon's x @ W.T
+    canonicalized to linears."""
+    ir, model = tiny_ir(family)
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        assert rel(ir(x), model(x).logits) <= 1e-5
+    assert not any(n.target in (aten.addmm.default, aten.numpy_T.default) for n in ir.graph.nodes)
+    assert len(ir.linears.linears) >= 9
