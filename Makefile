@@ -11,4 +11,4 @@ demo: install
 	$(PY) -m lowbit.tools.cli demo
 
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu and not tensorrt"
+	$(PY) -m pytest -q -n auto -m "not slow and not gpu and not tensorrt"

@@ -1,8 +1,13 @@
 import copy
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):   # one torch thread per test process: the workers share the cores
+    torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from models import STORIES, need_data  # noqa: E402
