@@ -51,13 +51,15 @@ class Linear:
 @dataclass
 class Norm:
     input: fx.Node         # what is normalized
-    normalized: fx.Node    # x * rsqrt(mean(x^2) + eps)
-    output: fx.Node        # normalized, or normalized * scale
+    normalized: fx.Node    # x * rsqrt(mean(x^2) + eps); for a LayerNorm, the layer_norm node itself
+    output: fx.Node        # normalized, or normalized * scale (+ shift)
     weight: str | None     # get_attr target of the scale (None once folded)
     offset: float          # scale = weight + offset (Gemma: 1.0)
     eps: float
     consumers: list[Linear] = field(default_factory=list)  # linears reading output (maybe through lowbit.quantize_tokens)
     other_users: list[fx.Node] = field(default_factory=list)
+    bias: str | None = None   # get_attr target of a LayerNorm's shift
+    kind: str = "rms"         # "rms": x / rms(x); "layer": (x - mean(x)) / std(x) (aten.layer_norm)
 
     @property
     def name(self) -> str:
@@ -271,20 +273,50 @@ def find_linears(ir, strict: bool = False) -> Linears:
     return Linears(linears, lm_head, skipped)
 
 
-def analyze(ir) -> Structure:
-    g = ir.graph
-    G = _Graph(g)
-    linears = find_linears(ir, strict=True).linears
-    norms = [_norm_at(n) for n in g.nodes if _is(n, aten.rsqrt.default)]
+def _layer_norm_at(n: fx.Node) -> Norm:
+    """aten.layer_norm(x, shape, weight, bias, eps): the mean-subtracting norm (LayerNorm)."""
+    w, b = (n.args[i] if len(n.args) > i else None for i in (2, 3))
+    attr = lambda a: a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None   # noqa: E731
+    if (w is not None and attr(w) is None) or (b is not None and attr(b) is None):
+        raise StructureError(n, "a layer_norm whose weight and bias are stored tensors")
+    return Norm(n.args[0], n, n, attr(w), 0.0, float(n.args[4]) if len(n.args) > 4 else 1e-5, bias=attr(b), kind="layer")
+
+
+def find_norms(ir, linears: dict[str, Linear], strict: bool = False) -> list[Norm]:
+    """Every norm (RMSNorm written out, or aten.layer_norm) with the linears reading its output:
+    what folding needs, found on any captured graph. An rsqrt that is not an RMSNorm is passed
+    over, or, strict, refused."""
+    norms = []
+    for n in ir.graph.nodes:
+        try:
+            if _is(n, aten.rsqrt.default):
+                norms.append(_norm_at(n))
+            elif _is(n, aten.layer_norm.default):
+                norms.append(_layer_norm_at(n))
+        except StructureError:
+            if strict:
+                raise
     for norm in norms:
         for u in norm.output.users:
-            # an activation quantizer between a norm and its linears is looked through
-            readers = list(u.users) if _is(u, quant.quantize_tokens._opoverload) else [u]
+            # looked through between a norm and its linears: an activation quantizer, and a view that
+            # keeps the last dim (it regroups rows; a per-channel scale or rotation commutes with it)
+            through = _is(u, quant.quantize_tokens._opoverload) or (
+                _is(u, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+                and (_shape(u) or (None,))[-1] == (_shape(norm.output) or (0,))[-1])
+            readers = list(u.users) if through else [u]
             for r in readers:
                 if r.name in linears and r.args[0] in (norm.output, u):
                     norm.consumers.append(linears[r.name])
                 else:
                     norm.other_users.append(r)
+    return norms
+
+
+def analyze(ir) -> Structure:
+    g = ir.graph
+    G = _Graph(g)
+    linears = find_linears(ir, strict=True).linears
+    norms = find_norms(ir, linears, strict=True)
     norm_by_input = {}
     for norm in norms:
         norm_by_input.setdefault(norm.input, []).append(norm)

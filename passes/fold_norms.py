@@ -2,12 +2,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from lowbit.ir.analysis import find_norms
+
 from .base import Exact, Pass, PassContext, PassResult, register
 
 
 @register
 class FoldNorms(Pass):
-    """Fold RMSNorm scales (w, or 1+w for Gemma) into the linears they feed; norms become pure normalizations."""
+    """Fold norm scales (RMSNorm's w, or 1+w for Gemma; LayerNorm's weight and bias) into the linears they feed; norms become pure normalizations."""
     name = "fold-norms"
 
     @dataclass(frozen=True)
@@ -18,11 +22,12 @@ class FoldNorms(Pass):
         return Exact(1e-4)
 
     def run(self, ir, ctx: PassContext) -> PassResult:
-        s = ir.analysis
+        # needs only each norm and the linears reading it: works on any captured graph
+        norms = find_norms(ir, ir.linears.linears)
         folded, untied, skipped = [], [], {}
-        # find: norms that still carry a scale; check: every user is a linear reading it as input
-        for norm in s.norms:
-            if norm.weight is None:
+        # find: norms that still carry a scale or shift; check: every user is a linear reading it as input
+        for norm in norms:
+            if norm.weight is None and norm.bias is None:
                 continue
             if norm.other_users or not norm.consumers:
                 what = norm.other_users[0] if norm.other_users else None
@@ -32,21 +37,41 @@ class FoldNorms(Pass):
             if any(lin.frozen for lin in norm.consumers):
                 skipped[norm.name] = "a linear it feeds is already quantized or split into dense + sparse"
                 continue
-            # rewrite: W' = W diag(scale), computed in float64
-            scale = ir.tensor(norm.weight).double() + norm.offset
             for lin in norm.consumers:
-                w_node = lin.node.args[1]
-                w = ir.tensor(w_node.target).double() * scale
-                if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader
-                    target = f"{lin.home}.weight.folded"
-                    lin.node.replace_input_with(w_node, ir.param(target, w.float(), lin.node))
-                    untied.append(lin.name)
-                else:
-                    ir.set_tensor(w_node.target, w.float())
-            norm.output.replace_all_uses_with(norm.normalized)
+                untied += self._fold_into(ir, norm, lin)
+            if norm.kind == "layer":   # layer_norm(x, shape, w, b, eps) -> layer_norm(x, shape, None, None, eps)
+                norm.output.args = (*norm.output.args[:2], None, None, *norm.output.args[4:])
+            else:
+                norm.output.replace_all_uses_with(norm.normalized)
             folded.append(norm.name)
         if not folded:
             return PassResult(False, {"skipped": skipped})
         ir.remove_dead()
         ir.changed()
         return PassResult(True, {"folded": len(folded), "untied": untied, "skipped": skipped})
+
+    @staticmethod
+    def _fold_into(ir, norm, lin) -> list[str]:
+        """W (n g + b) + c = (W diag(g)) n + (c + W b), computed in float64. A weight or bias that
+        other nodes read too (a tied lm_head) gets its own folded copy; returns the linears untied."""
+        w_node = lin.node.args[1]
+        w = ir.tensor(w_node.target).double()
+        scale = ir.tensor(norm.weight).double() + norm.offset if norm.weight else torch.ones(w.shape[1], dtype=w.dtype)
+        new_w = w * scale
+        untied = []
+        if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader
+            lin.node.replace_input_with(w_node, ir.param(f"{lin.home}.weight.folded", new_w.float(), lin.node))
+            untied.append(lin.name)
+        else:
+            ir.set_tensor(w_node.target, new_w.float())
+        if norm.bias is None:
+            return untied
+        shift = w @ ir.tensor(norm.bias).double()
+        b_node = lin.node.args[2] if len(lin.node.args) > 2 else None
+        if b_node is not None and len(b_node.users) == 1:
+            ir.set_tensor(b_node.target, (ir.tensor(b_node.target).double() + shift).float())
+        else:
+            old = ir.tensor(b_node.target).double() if b_node is not None else 0
+            new = ir.param(f"{lin.home}.bias.folded", (old + shift).float(), lin.node)
+            lin.node.args = (*lin.node.args[:2], new, *lin.node.args[3:])
+        return untied

@@ -4,7 +4,7 @@ import torch
 from lowbit.ir.printer import format_ir
 from lowbit.passes import PassContext, PassManager
 from lowbit.passes.fold_norms import FoldNorms
-from models import FAMILIES, tiny_ir
+from models import FAMILIES, MORE_FAMILIES, tiny_ir
 
 aten = torch.ops.aten
 
@@ -66,3 +66,23 @@ def test_before_expected():
     ir = ir_of(Tiny(w))
     PassManager("fold-norms").run(ir)
     assert_matches(ir, ir_of(Tiny(folded(w), norms=False)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_fold_norms_on_more_families(family):
+    """LayerNorm weight and bias fold into the linears they feed (W diag(g), c + W b), through views
+    that keep the last dim; norms that feed no linear (post-norms, q/k norms before the head split,
+    a MoE block's norm read by the experts) stay, each with its reason."""
+    ir, model = tiny_ir(family)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+    PassManager("fold-norms").run(ir)
+    assert ((ir(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    st = ir.stats[-1]
+    expect = {"olmo2": (1, 8), "gemma3_text": (5, 8), "mixtral": (3, 2)}.get(family, (5, 0))
+    assert (st["folded"], len(st["skipped"])) == expect, st
+    assert all("not a linear" in why for why in st["skipped"].values())
+    layer_norms = [n for n in ir.graph.nodes if n.target is torch.ops.aten.layer_norm.default]
+    assert all(n.args[2] is None and n.args[3] is None for n in layer_norms)
+    assert not PassManager("fold-norms").run(ir)[0].modified   # nothing left to fold
