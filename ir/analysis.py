@@ -8,6 +8,7 @@ Linears are `aten.linear` nodes whose weight is a parameter or a weight format's
 tensors (ir/formats), optionally plus an additive format's (sparse outliers). A structure that does not fit raises StructureError naming the node."""
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -119,6 +120,7 @@ class Structure:
     norms: list[Norm]
     linears: dict[str, Linear]   # by node name
     tied_embedding: bool         # lm_head reads the embedding's tensor
+    positions: fx.Node | None = None   # learned position embeddings added to the token embedding
 
     @property
     def attentions(self) -> list[Attention]:
@@ -322,7 +324,7 @@ def analyze(ir) -> Structure:
         norm_by_input.setdefault(norm.input, []).append(norm)
 
     inputs = [n for n in g.nodes if n.op == "placeholder"]
-    embeds = [n for n in g.nodes if _is(n, aten.embedding.default) and n.args[1] in inputs]
+    embeds = [n for n in g.nodes if _is(n, aten.embedding.default) and _through_layout(n.args[1]) in inputs]
     if len(embeds) != 1:
         raise StructureError(inputs[0] if inputs else "input", f"one embedding lookup of input_ids, found {len(embeds)}")
     emb = embeds[0]
@@ -335,8 +337,18 @@ def analyze(ir) -> Structure:
             cur = u
         else:
             break
+    positions = None   # learned absolute positions added to the token embedding (GPT-2, OPT)
+    if len(cur.users) == 1 and not norm_by_input.get(cur):
+        u = next(iter(cur.users))
+        other = [a for a in u.args[:2] if isinstance(a, fx.Node) and a is not cur]
+        if _is(u, aten.add.Tensor) and len(other) == 1 and not G.depends(other[0], emb):
+            positions, cur = other[0], u
     stream, blocks = [cur], []
     while True:
+        while len(cur.users) == 1 and _is(next(iter(cur.users)), aten.view.default, aten.reshape.default) \
+                and (_shape(next(iter(cur.users))) or (None,))[-1] == (_shape(cur) or (0,))[-1]:
+            cur = next(iter(cur.users))   # the stream regrouped into rows and back (OPT)
+            stream.append(cur)
         adds = [u for u in cur.users if _is(u, aten.add.Tensor)
                 and all(isinstance(a, fx.Node) for a in u.args[:2])
                 and G.depends(u.args[1] if u.args[0] is cur else u.args[0], cur)]
@@ -347,9 +359,12 @@ def analyze(ir) -> Structure:
         add = adds[0]
         branch_out = add.args[1] if add.args[0] is cur else add.args[0]
         pre = norm_by_input.get(cur, [])
-        if len(pre) != 1:
-            raise StructureError(cur, f"one pre-norm reading the residual stream before '{add.name}', found {len(pre)}")
-        blocks.append(_block(pre[0], add, branch_out, G, linears, norms))
+        for part in _branches(branch_out, cur, G):   # one, or several summed in parallel (GPT-NeoX, Falcon)
+            norm = [n for n in pre if G.depends(part, n.output)]
+            if len(norm) != 1:
+                raise StructureError(cur, f"one pre-norm reading the residual stream before '{add.name}', "
+                                          f"found {len(norm)}")
+            blocks.append(_block(norm[0], add, part, G, linears, norms))
         cur = add
         stream.append(cur)
     final = norm_by_input.get(cur, [])
@@ -361,7 +376,22 @@ def analyze(ir) -> Structure:
     lm_head = linears[heads[0].name]
     emb_w = emb.args[0].target
     return Structure(emb, emb_w, stream, blocks, final[0], lm_head, norms, linears,
-                     tied_embedding=lm_head.weight == emb_w)
+                     tied_embedding=lm_head.weight == emb_w, positions=positions)
+
+
+def _through_layout(n):
+    """n, or what it reshapes (view, reshape, unsqueeze): where an index tensor comes from."""
+    while _is(n, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default):
+        n = n.args[0]
+    return n
+
+
+def _branches(out: fx.Node, cur: fx.Node, G) -> list[fx.Node]:
+    """A residual branch's output, split where it is a sum of branches that each read the stream:
+    parallel attention and MLP (x + attn(ln1(x)) + mlp(ln2(x)))."""
+    if _is(out, aten.add.Tensor) and all(isinstance(a, fx.Node) and G.depends(a, cur) for a in out.args[:2]):
+        return _branches(out.args[0], cur, G) + _branches(out.args[1], cur, G)
+    return [out]
 
 
 def _one_linear(G, start, linears, what) -> Linear:
@@ -410,6 +440,9 @@ def _attention(sdpa, G, linears, norms) -> Attention:
         raise StructureError(q_in, "a [batch, heads, seq, head_dim] query")
     n_heads, head_dim = int(qs[1]), int(qs[3])
     k_rows, v_rows = _rows(G, k, k_in), _rows(G, v, v_in)
+    if k.node is v.node and k_rows == v_rows:   # one fused output, split after a reshape to heads
+        raise StructureError(k.node, "a fused qkv projection split into q/k/v by slices of its last dim "
+                                     "(a per-head interleaved layout is not read yet)")
     width = k_rows[1] - k_rows[0]
     if width % head_dim:
         raise StructureError(k.node, f"a key width ({width}) divisible by head_dim ({head_dim})")
@@ -423,8 +456,17 @@ def _attention(sdpa, G, linears, norms) -> Attention:
 
 
 def _rows(G, lin: Linear, end: fx.Node) -> tuple[int, int]:
-    """Output rows of `lin` that reach `end`: all of them, or one slice of a fused projection."""
-    if len(lin.node.users) == 1:
+    """Output rows of `lin` that reach `end`: all of them, or one slice of a fused projection (a
+    slice of its last dim, or one piece of an equal split of it, GPT-2's)."""
+    last = (-1, len(_shape(lin.node) or ()) - 1)
+    users = list(lin.node.users)
+    if len(users) == 1 and _is(users[0], aten.split.Tensor) and (users[0].args[2] if len(users[0].args) > 2 else 0) in last:
+        size = int(users[0].args[1])
+        piece = [g for g in users[0].users if _is(g, operator.getitem) and G.depends(end, g)]
+        if len(piece) != 1:
+            raise StructureError(users[0], "one piece of the split projection reaching the attention input")
+        return piece[0].args[1] * size, min((piece[0].args[1] + 1) * size, lin.out_features)
+    if len(users) == 1:
         return 0, lin.out_features
     on_path = [u for u in lin.node.users if G.depends(end, u)]
     sl = on_path[0] if len(on_path) == 1 else None
@@ -436,11 +478,13 @@ def _rows(G, lin: Linear, end: fx.Node) -> tuple[int, int]:
 
 def _mlp(norm, branch_out, G, linears) -> MLP:
     down = _one_linear(G, branch_out, linears, "MLP down") if branch_out.name not in linears else linears[branch_out.name]
-    ins = [c for c in norm.consumers]
+    inside = nx.descendants(G.g, norm.output) & nx.ancestors(G.g, down.node)
+    ins = [c for c in norm.consumers if c.node in inside]   # a norm shared with a parallel attention feeds q/k/v too
     if not ins:
         raise StructureError(norm.output, "linears reading the MLP's pre-norm")
-    inside = nx.descendants(G.g, norm.output) & nx.ancestors(G.g, down.node)
     acts = [n for n in inside if n.op == "call_function" and n.target in ACTIVATIONS]
+    if not acts and len(ins) == 1:   # one input projection, its activation spelled out (GPT-2's tanh GELU)
+        return MLP(up=ins[0], gate=None, down=down, act="elementwise")
     if len(acts) != 1:
         raise StructureError(down.node, f"one activation inside the MLP, found {len(acts)}")
     act = acts[0]

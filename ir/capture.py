@@ -105,10 +105,25 @@ def _matmul_to_linear(gm: fx.GraphModule):
             g.erase_node(n)
 
 
+_FUNCTIONAL = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
+               aten.mul_.Tensor: aten.mul.Tensor, aten.div_.Tensor: aten.div.Tensor}
+
+
+def _inplace_to_functional(g: fx.Graph):
+    """a.add_(b) -> add(a, b) where nothing reads a after it (Falcon's mlp_output += attention):
+    the same values, and an add the analysis can see."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in list(g.nodes):
+        if n.op == "call_function" and n.target in _FUNCTIONAL and isinstance(n.args[0], fx.Node) \
+                and n.args[0].op == "call_function" and all(order[u] <= order[n] for u in n.args[0].users):
+            n.target = _FUNCTIONAL[n.target]
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
     _addmm_to_linear(gm)
     _matmul_to_linear(gm)
+    _inplace_to_functional(g)
     for n in list(g.nodes):
         if n.op == "call_module" and n.target == "_guards_fn" or n.op == "call_function" and n.target in _DROP:
             g.erase_node(n)

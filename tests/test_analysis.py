@@ -44,3 +44,51 @@ def test_linear_weight_not_parameter_names_node():
     ir.changed()
     with pytest.raises(StructureError, match=rf"node '{lin.name}'.*weight is a parameter"):
         ir.analysis
+
+
+@pytest.mark.parametrize("family,expect", [
+    ("gpt2", dict(heads=4, kv_heads=4, fused_qkv=True, activation="elementwise", v_rows=(128, 192), positions=True)),
+    ("opt", dict(heads=4, kv_heads=4, fused_qkv=False, activation="relu", v_rows=(0, 64), positions=True)),
+    ("stablelm", dict(heads=4, kv_heads=2, fused_qkv=False, activation="silu", v_rows=(0, 32), positions=False)),
+    ("gemma3_text", dict(heads=4, kv_heads=2, fused_qkv=False, activation="gelu", v_rows=(0, 32), positions=False)),
+])
+def test_structure_of_more_families(family, expect):
+    """LayerNorm blocks, learned positions added to the token embedding (found as such, not as a
+    residual add), GPT-2's spelled-out GELU and its q/k/v split, OPT's stream regrouped into rows."""
+    ir, _ = tiny_ir(family)
+    s = ir.analysis
+    summ = s.summary()
+    assert {k: summ[k] for k in ("heads", "kv_heads", "fused_qkv", "activation")} == \
+        {k: expect[k] for k in ("heads", "kv_heads", "fused_qkv", "activation")}
+    assert summ["layers"] == 2 and len(s.blocks) == 4 and s.attentions[0].v_rows == expect["v_rows"]
+    assert (s.positions is not None) == expect["positions"]
+    assert s.lm_head.module == "lm_head" and all(b.norm.consumers for b in s.blocks)
+
+
+def test_parallel_blocks_share_the_residual_add():
+    """x + attn(ln(x)) + mlp(ln(x)) (Phi): two blocks on one residual add, reading one shared norm."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.ir.capture import capture
+    from lowbit.ir.graph import ModelInfo
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("phi", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    ir = capture(AutoModelForCausalLM.from_config(cfg).eval(), ModelInfo("phi", 256, 128, "phi", ""))
+    s = ir.analysis
+    assert [("attn" if b.attention else "mlp") for b in s.blocks] == ["attn", "mlp", "attn", "mlp"]
+    assert s.blocks[0].add is s.blocks[1].add and s.blocks[0].norm is s.blocks[1].norm
+    assert [lin.name.rsplit(".", 1)[-1] for lin in s.blocks[1].norm.consumers] == ["q_proj", "k_proj", "v_proj", "fc1"]
+    assert s.mlps[0].up.name.endswith("fc1") and s.mlps[0].gate is None
+
+
+@pytest.mark.parametrize("family,match", [
+    ("gpt_neox", "a fused qkv projection split into q/k/v by slices of its last dim"),
+    ("falcon", "a fused qkv projection split into q/k/v by slices of its last dim"),
+    ("olmo2", "one pre-norm reading the residual stream"),
+    ("mixtral", "one MLP down linear feeding it"),
+])
+def test_structures_not_read_yet_are_refused_by_node(family, match):
+    ir, _ = tiny_ir(family)
+    with pytest.raises(StructureError, match=r"at node '\w+': expected " + match):
+        ir.analysis
