@@ -323,26 +323,7 @@ def analyze(ir) -> Structure:
     for norm in norms:
         norm_by_input.setdefault(norm.input, []).append(norm)
 
-    inputs = [n for n in g.nodes if n.op == "placeholder"]
-    embeds = [n for n in g.nodes if _is(n, aten.embedding.default) and _through_layout(n.args[1]) in inputs]
-    if len(embeds) != 1:
-        raise StructureError(inputs[0] if inputs else "input", f"one embedding lookup of input_ids, found {len(embeds)}")
-    emb = embeds[0]
-    cur = emb
-    # an elementwise scale of the embedding by something not derived from the tokens (Gemma)
-    while len(cur.users) == 1:
-        u = next(iter(cur.users))
-        other = [a for a in u.args if isinstance(a, fx.Node) and a is not cur]
-        if _is(u, aten.mul.Tensor) and all(not G.depends(o, inputs[0]) for o in other):
-            cur = u
-        else:
-            break
-    positions = None   # learned absolute positions added to the token embedding (GPT-2, OPT)
-    if len(cur.users) == 1 and not norm_by_input.get(cur):
-        u = next(iter(cur.users))
-        other = [a for a in u.args[:2] if isinstance(a, fx.Node) and a is not cur]
-        if _is(u, aten.add.Tensor) and len(other) == 1 and not G.depends(other[0], emb):
-            positions, cur = other[0], u
+    emb, cur, positions = _stream_start(g, G, norm_by_input)
     stream, blocks = [cur], []
     while True:
         while len(cur.users) == 1 and _is(next(iter(cur.users)), aten.view.default, aten.reshape.default) \
@@ -377,6 +358,30 @@ def analyze(ir) -> Structure:
     emb_w = emb.args[0].target
     return Structure(emb, emb_w, stream, blocks, final[0], lm_head, norms, linears,
                      tied_embedding=lm_head.weight == emb_w, positions=positions)
+
+
+def _stream_start(g, G, norm_by_input):
+    """(the token embedding lookup, the residual stream's first value, learned positions or None):
+    the lookup, an elementwise scale by something not derived from the tokens (Gemma), and learned
+    absolute positions added to it (GPT-2, OPT)."""
+    inputs = [n for n in g.nodes if n.op == "placeholder"]
+    embeds = [n for n in g.nodes if _is(n, aten.embedding.default) and _through_layout(n.args[1]) in inputs]
+    if len(embeds) != 1:
+        raise StructureError(inputs[0] if inputs else "input", f"one embedding lookup of input_ids, found {len(embeds)}")
+    emb = cur = embeds[0]
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        other = [a for a in u.args if isinstance(a, fx.Node) and a is not cur]
+        if _is(u, aten.mul.Tensor) and all(not G.depends(o, inputs[0]) for o in other):
+            cur = u
+        else:
+            break
+    if len(cur.users) == 1 and not norm_by_input.get(cur):
+        u = next(iter(cur.users))
+        other = [a for a in u.args[:2] if isinstance(a, fx.Node) and a is not cur]
+        if _is(u, aten.add.Tensor) and len(other) == 1 and not G.depends(other[0], emb):
+            return emb, u, other[0]
+    return emb, cur, None
 
 
 def _through_layout(n):

@@ -95,11 +95,33 @@ def to_decoder(ir: IR) -> IR:
     if not atts:
         raise LowbitError("decoder: the model has no attention op")
     phs = [n for n in g.nodes if n.op == "placeholder"]
-    ids = phs[0]
     pos_node = _positions(g)
-
     # what each attention caches: float K/V, or (with a KV quantizer) codes, scales and zero points
     plan = [[_kv_source(x, a.sdpa) for x in a.sdpa.args[1:3]] for a in atts]
+    specs = _cache_specs(atts, plan)
+    mask_in, pos_in, past, last = _inputs(g, phs[-1], specs)
+    mask, lengths = _mask_and_positions(g, last.next, phs[0], mask_in, pos_in, pos_node)
+    presents = []
+    for i, (a, kv) in enumerate(zip(atts, plan)):
+        presents += _attend_over_cache(g, a, i, kv, past, mask)
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = ((out.args[0], *presents),)
+    g.eliminate_dead_code()
+    # anything still counting positions from the captured sequence length would ignore the past
+    for n in g.nodes:
+        if n.op == "call_function" and n.target is aten.arange.default and n.args and isinstance(n.args[0], fx.Node) \
+                and n.args[0] not in lengths:
+            raise LowbitError(f"decoder: {n.name} still counts positions of the new tokens only; "
+                              "cannot convert this graph to a KV-cache decoder")
+    g.lint()
+    d.changed()
+    d.past_specs = specs   # (name, dtype, heads, last dim) of each cache tensor, in input order
+    return d
+
+
+def _cache_specs(atts, plan) -> list[tuple]:
+    """(name, dtype, heads, last dim) of each cache tensor: per attention and K/V, the float values,
+    or uint8 codes (4-bit ones two per byte) with a float32 scale and uint8 zero point per group."""
     specs = []
     for i, (a, kv) in enumerate(zip(atts, plan)):
         for kind, (_, q) in zip(("key", "value"), kv):
@@ -111,23 +133,32 @@ def to_decoder(ir: IR) -> IR:
                           (f"{i}.{kind}_zero", torch.uint8, a.n_kv_heads, groups)]
             else:
                 specs.append((f"{i}.{kind}", torch.float32, a.n_kv_heads, a.head_dim))
+    return specs
 
-    with g.inserting_after(phs[-1]):
+
+def _inputs(g, after: fx.Node, specs):
+    """attention_mask, position_ids and one past_key_values input per cache tensor, after `after`;
+    returns them and the last one."""
+    with g.inserting_after(after):
         mask_in = g.placeholder("attention_mask")
     with g.inserting_after(mask_in):
         pos_in = g.placeholder("position_ids")
-    last = pos_in
-    past = {}
+    last, past = pos_in, {}
     for name, *_ in specs:
         with g.inserting_after(last):
             last = past[name] = g.placeholder("past_key_values_" + name.replace(".", "_"))
+    return mask_in, pos_in, past, last
 
-    with g.inserting_before(last.next):
+
+def _mask_and_positions(g, before, ids, mask_in, pos_in, pos_node):
+    """RoPE reads position_ids instead of counting from 0; returns the mask [B, 1, S, T] (key j
+    visible to query i when j <= P + i and attention_mask[b, j], or j == P + i) and the new and
+    total lengths (S, T), the only lengths positions may be counted over."""
+    with g.inserting_before(before):
         # positions: [B, S] with as many trailing unit dims as the captured position tensor had
         p = pos_in
         for _ in range(len(_type(pos_node)[1]) - 2):
             p = _call(g, aten.unsqueeze.default, p, -1)
-        # mask [B, 1, S, T]: key j visible to query i when j <= P + i and attention_mask[b, j], or j == P + i
         s = _call(g, aten.sym_size.int, ids, 1)
         t = _call(g, aten.sym_size.int, mask_in, 1)
         off = _call(g, operator.sub, t, s)
@@ -140,49 +171,38 @@ def to_decoder(ir: IR) -> IR:
         pad = _call(g, aten.unsqueeze.default, _call(g, aten.unsqueeze.default, pad, 1), 2)
         mask = _call(g, aten.logical_or.default, _call(g, aten.logical_and.default, causal, pad), diag)
     pos_node.replace_all_uses_with(p)
+    return mask, (s, t)
 
-    presents = []
-    for i, a in enumerate(atts):
-        sdpa = a.sdpa
-        new_kv = []
-        for kind, (src, qargs) in zip(("key", "value"), plan[i]):
-            name = f"{i}.{kind}"
-            with g.inserting_before(sdpa):
-                if qargs:   # cache the codes; attend over their dequantized values
-                    parts = _call(g, _KV_Q, src, *qargs)
-                    cat = [_call(g, aten.cat.default, [past[name + sfx], _call(g, operator.getitem, parts, k)], 2)
-                           for k, sfx in enumerate(("", "_scale", "_zero"))]
-                    presents += cat
-                    total = _call(g, _KV_DQ, *cat, qargs[0])
-                else:
-                    total = _call(g, aten.cat.default, [past[name], src], 2)
-                    presents.append(total)
-            new_kv.append(total)
-        args = list(sdpa.args)
-        args[1:3] = new_kv
-        if len(args) > 3:
-            args[3] = mask
-        kwargs = dict(sdpa.kwargs)
-        if len(args) <= 3:
-            kwargs["attn_mask"] = mask
-        kwargs["is_causal"] = False
-        if len(args) > 5:   # positional is_causal
-            args[5] = False
-            kwargs.pop("is_causal")
-        if a.n_heads != a.n_kv_heads:   # the attention op reads kv_heads heads: no copy of the cache per head
-            kwargs["enable_gqa"] = True
-        sdpa.args, sdpa.kwargs = tuple(args), kwargs
 
-    out = next(n for n in g.nodes if n.op == "output")
-    out.args = ((out.args[0], *presents),)
-    g.eliminate_dead_code()
-    # anything still counting positions from the captured sequence length would ignore the past
-    for n in g.nodes:
-        if n.op == "call_function" and n.target is aten.arange.default and n.args and n.args[0] is not s \
-                and n.args[0] is not t and isinstance(n.args[0], fx.Node):
-            raise LowbitError(f"decoder: {n.name} still counts positions of the new tokens only; "
-                              "cannot convert this graph to a KV-cache decoder")
-    g.lint()
-    d.changed()
-    d.past_specs = specs   # (name, dtype, heads, last dim) of each cache tensor, in input order
-    return d
+def _attend_over_cache(g, a, i: int, kv, past: dict, mask) -> list[fx.Node]:
+    """Attention `a` reads the past keys and values concatenated with the new ones (dequantized,
+    when the cache holds codes), under the decoder's mask; returns the present cache tensors."""
+    sdpa, presents, new_kv = a.sdpa, [], []
+    for kind, (src, qargs) in zip(("key", "value"), kv):
+        name = f"{i}.{kind}"
+        with g.inserting_before(sdpa):
+            if qargs:   # cache the codes; attend over their dequantized values
+                parts = _call(g, _KV_Q, src, *qargs)
+                cat = [_call(g, aten.cat.default, [past[name + sfx], _call(g, operator.getitem, parts, k)], 2)
+                       for k, sfx in enumerate(("", "_scale", "_zero"))]
+                presents += cat
+                total = _call(g, _KV_DQ, *cat, qargs[0])
+            else:
+                total = _call(g, aten.cat.default, [past[name], src], 2)
+                presents.append(total)
+        new_kv.append(total)
+    args = list(sdpa.args)
+    args[1:3] = new_kv
+    if len(args) > 3:
+        args[3] = mask
+    kwargs = dict(sdpa.kwargs)
+    if len(args) <= 3:
+        kwargs["attn_mask"] = mask
+    kwargs["is_causal"] = False
+    if len(args) > 5:   # positional is_causal
+        args[5] = False
+        kwargs.pop("is_causal")
+    if a.n_heads != a.n_kv_heads:   # the attention op reads kv_heads heads: no copy of the cache per head
+        kwargs["enable_gqa"] = True
+    sdpa.args, sdpa.kwargs = tuple(args), kwargs
+    return presents
