@@ -111,10 +111,10 @@ class IR:
                like: fx.Node | None = None, typ: str | None = None, replace: fx.Node | None = None,
                swap: tuple | None = None) -> fx.Node:
         """Insert a call of `op` before or after a node, with a debug handle (inherited from `like`)
-        and a type string `typ`, then rewire: `replace` moves every use of a node to
-        the new one and erases it (its module path and quantization metadata carry over); `swap`
-        = (old, users) makes `users` read the new node instead of `old` (users None: every user
-        but the new node)."""
+        and a type string `typ`, then rewire: `replace` moves every use of a node to the new one and
+        erases it (its type string, module path and quantization metadata carry over); `swap` =
+        (old, users) makes `users` read the new node instead of `old` (users None: every user but
+        the new node)."""
         like = like if like is not None else replace
         point = self.graph.inserting_before(before) if before is not None else self.graph.inserting_after(after)
         with point:
