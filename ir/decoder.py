@@ -62,7 +62,45 @@ def _kv_source(x: fx.Node, sdpa: fx.Node):
     return x, qargs
 
 
-def _positions(g: fx.Graph) -> fx.Node:
+def _positions(d: IR) -> tuple[fx.Node, int]:
+    """(the integer position tensor the captured graph computes, the offset o such that it holds
+    position + o): the index of a learned position table (GPT-2: o = 0; OPT: o = 2, measured on
+    the graph, which must count positions with step 1), or what RoPE turns into angles."""
+    emb = d.analysis.positions
+    if emb is None:
+        return _rope_positions(d.graph), 0
+    index = emb.args[1]
+    n = 5
+    try:
+        _ProbeValue(d.gm, index).run(torch.zeros(1, n, dtype=torch.long))
+        raise LowbitError("decoder: the position index was not computed")
+    except _ProbeValue.Found as f:
+        v = f.value
+    steps = torch.arange(n)
+    if not (isinstance(v, torch.Tensor) and v.shape[-1] == n and (v.reshape(-1, n) - steps == v.reshape(-1, n)[:, :1]).all()):
+        raise LowbitError(f"decoder: the position table's index {index.name} does not count positions one by one")
+    return index, int(v.reshape(-1)[0])
+
+
+class _ProbeValue(fx.Interpreter):
+    """Runs a graph until `node` is computed and raises its value."""
+
+    class Found(Exception):
+        def __init__(self, value):
+            self.value = value
+
+    def __init__(self, gm, node):
+        super().__init__(gm)
+        self.node = node
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n is self.node:
+            raise self.Found(out)
+        return out
+
+
+def _rope_positions(g: fx.Graph) -> fx.Node:
     """The integer position tensor RoPE turns into angles: an integer ancestor of the cos/sin ops
     that is cast to float, with the sequence as its second dimension ([1, seq, ...])."""
     trig = [n for n in g.nodes if n.op == "call_function" and n.target in (aten.cos.default, aten.sin.default)]
@@ -78,8 +116,8 @@ def _positions(g: fx.Graph) -> fx.Node:
             if n.target in _FLOAT_CASTS and t and t[0][0] in "iu" and len(t[1]) >= 2 and t[1][1] == "seq":
                 found.add(a)
     if len(found) != 1:
-        raise LowbitError(f"decoder: expected one position tensor feeding RoPE, found {len(found)} "
-                          "(models without rotary embeddings are not supported)")
+        raise LowbitError(f"decoder: expected one position tensor feeding RoPE or a learned position table, "
+                          f"found {len(found)}")
     return found.pop()
 
 
@@ -95,12 +133,12 @@ def to_decoder(ir: IR) -> IR:
     if not atts:
         raise LowbitError("decoder: the model has no attention op")
     phs = [n for n in g.nodes if n.op == "placeholder"]
-    pos_node = _positions(g)
+    pos_node, offset = _positions(d)
     # what each attention caches: float K/V, or (with a KV quantizer) codes, scales and zero points
     plan = [[_kv_source(x, a.sdpa) for x in a.sdpa.args[1:3]] for a in atts]
     specs = _cache_specs(atts, plan)
     mask_in, pos_in, past, last = _inputs(g, phs[-1], specs)
-    mask, lengths = _mask_and_positions(g, last.next, phs[0], mask_in, pos_in, pos_node)
+    mask, lengths = _mask_and_positions(g, last.next, phs[0], mask_in, pos_in, pos_node, offset)
     presents = []
     for i, (a, kv) in enumerate(zip(atts, plan)):
         presents += _attend_over_cache(g, a, i, kv, past, mask)
@@ -150,13 +188,14 @@ def _inputs(g, after: fx.Node, specs):
     return mask_in, pos_in, past, last
 
 
-def _mask_and_positions(g, before, ids, mask_in, pos_in, pos_node):
-    """RoPE reads position_ids instead of counting from 0; returns the mask [B, 1, S, T] (key j
+def _mask_and_positions(g, before, ids, mask_in, pos_in, pos_node, offset: int = 0):
+    """RoPE or the position table reads position_ids (+ the graph's offset) instead of counting
+    from 0; returns the mask [B, 1, S, T] (key j
     visible to query i when j <= P + i and attention_mask[b, j], or j == P + i) and the new and
     total lengths (S, T), the only lengths positions may be counted over."""
     with g.inserting_before(before):
         # positions: [B, S] with as many trailing unit dims as the captured position tensor had
-        p = pos_in
+        p = _call(g, aten.add.Tensor, pos_in, offset) if offset else pos_in
         for _ in range(len(_type(pos_node)[1]) - 2):
             p = _call(g, aten.unsqueeze.default, p, -1)
         s = _call(g, aten.sym_size.int, ids, 1)
