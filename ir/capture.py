@@ -48,6 +48,18 @@ def _is_identity(n: fx.Node) -> bool:
     return isinstance(inp, torch.Tensor) and inp.dtype == out.dtype and inp.device == out.device
 
 
+def _as_linear(g: fx.Graph, out: fx.Node, mm: fx.Node, args: tuple, dead: tuple):
+    """linear(*args) in place of `out` (with mm's module path and out's value), then the replaced
+    nodes `dead` erased, users first."""
+    with g.inserting_before(out):
+        lin = g.call_function(aten.linear.default, args)
+    lin.meta.update({k: v for k, v in mm.meta.items() if k == "nn_module_stack"})
+    lin.meta["val"] = out.meta.get("val")
+    out.replace_all_uses_with(lin)
+    for n in dead:
+        g.erase_node(n)
+
+
 def _addmm_to_linear(gm: fx.GraphModule):
     """GPT-2's Conv1D, view(x, [-1, K]) -> addmm(b, ., W [K, N]) -> view(., [..., N]), becomes
     linear(x, W^T, b) with the weight stored transposed: one kind of linear for every pass."""
@@ -66,13 +78,7 @@ def _addmm_to_linear(gm: fx.GraphModule):
             owner = gm.get_submodule(path)
         t = getattr(owner, leaf)
         setattr(owner, leaf, torch.nn.Parameter(t.detach().t().contiguous(), requires_grad=False))
-        with g.inserting_before(out):
-            lin = g.call_function(aten.linear.default, (flat.args[0], w, bias))
-        lin.meta.update({k: v for k, v in mm.meta.items() if k == "nn_module_stack"})
-        lin.meta["val"] = out.meta.get("val")
-        out.replace_all_uses_with(lin)
-        for n in (out, mm) + ((flat,) if len(flat.users) == 1 else ()):
-            g.erase_node(n)
+        _as_linear(g, out, mm, (flat.args[0], w, bias), (out, mm) + ((flat,) if len(flat.users) == 1 else ()))
 
 
 _TRANSPOSES = {aten.numpy_T.default, aten.t.default, aten.transpose.int, aten.permute.default}
@@ -96,13 +102,8 @@ def _matmul_to_linear(gm: fx.GraphModule):
             other = add.args[1] if add.args[0] is mm else add.args[0]
             if isinstance(other, fx.Node) and other.op == "get_attr" and _attr(gm, other.target).dim() == 1:
                 out, bias = add, other
-        with g.inserting_before(out):
-            lin = g.call_function(aten.linear.default, (x, w) + ((bias,) if bias is not None else ()))
-        lin.meta.update({k: v for k, v in mm.meta.items() if k == "nn_module_stack"})
-        lin.meta["val"] = out.meta.get("val")
-        out.replace_all_uses_with(lin)
-        for n in (out, mm, wt) if out is not mm else (mm, wt):
-            g.erase_node(n)
+        _as_linear(g, out, mm, (x, w) + ((bias,) if bias is not None else ()),
+                   (out, mm, wt) if out is not mm else (mm, wt))
 
 
 _FUNCTIONAL = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
