@@ -2,7 +2,8 @@
 
     manifest.json       versions, seed, source and calibration hashes, pipeline, per-pass stats
     graph.json          the IR graph: nodes with op, target, arguments and lowbit metadata
-    weights.safetensors every tensor the graph reads (packed integer weights, scales, ...)
+    weights.safetensors every tensor the graph reads (packed integer weights, scales, ...), in
+                        shards of at most 2 GiB: weights-00001.safetensors, ... after the first
     extras.safetensors  tensors kept for repeating a compile (learned rotations), if any
     tokenizer/          the source model's tokenizer
 
@@ -34,11 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import formats, hadamard, meta, quant  # noqa: F401  (they register the lowbit ops graphs call)
 from .errors import LowbitError
 from .graph import IR, ModelInfo
+from .store import Stored
 
 FORMAT = "lowbit-artifact/1"
 
@@ -269,9 +272,7 @@ def save_artifact(ir: IR, out: Path, manifest: dict, force: bool = False):
     out = Path(out)
     check_output_dir(out, force)
     with atomic_dir(out) as tmp:
-        # clone: safetensors refuses tensors that share storage (tied weights)
-        tensors = {name: t.contiguous().clone() for name, t in ir.referenced_tensors().items()}
-        save_file(tensors, tmp / "weights.safetensors")
+        save_tensors(ir, tmp)
         if ir.extra_tensors:
             save_file({k: v.contiguous() for k, v in ir.extra_tensors.items()}, tmp / "extras.safetensors")
         (tmp / "graph.json").write_text(json.dumps(graph_to_json(ir.graph)))
@@ -281,6 +282,42 @@ def save_artifact(ir: IR, out: Path, manifest: dict, force: bool = False):
         full = {"format": FORMAT, **manifest, "model": vars(ir.info), "pipeline": ",".join(ir.passes_run),
                 "pipeline_entries": ir.passes_run, "passes": ir.stats}
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))
+
+
+SHARD_BYTES = 2 << 30
+
+
+def save_tensors(ir: IR, directory: Path, shard_bytes: int = SHARD_BYTES):
+    """Every tensor the graph reads into weights*.safetensors, a shard at a time: tensors on disk
+    are read as they come, so memory holds one shard."""
+    shard, size, i = {}, 0, 0
+    for name, t in ir.referenced_tensors():
+        shard[name] = t.contiguous().clone()   # clone: safetensors refuses shared storage (tied weights)
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            save_file(shard, directory / _shard_name(i))
+            shard, size, i = {}, 0, i + 1
+    if shard or i == 0:
+        save_file(shard, directory / _shard_name(i))
+
+
+def point_at(ir: IR, path: Path):
+    """Make the IR's tensors on disk read from the artifact at `path` (which holds them all), so
+    that the IR outlives the spill and resume files it was compiled with."""
+    for f in weight_files(path):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                if k in ir.stored:
+                    ir.set_tensor(k, Stored(str(f), k, ir.stored[k].shape, ir.stored[k].dtype))
+
+
+def _shard_name(i: int) -> str:
+    return "weights.safetensors" if i == 0 else f"weights-{i:05d}.safetensors"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """An artifact's weight shards, in order."""
+    return sorted(Path(path).glob("weights*.safetensors"))
 
 
 def read_manifest(path) -> dict:
@@ -316,7 +353,9 @@ def load_artifact(path) -> IR:
     info = _model_info(path, man)
     try:
         nodes = json.loads((path / "graph.json").read_text())
-        tensors = load_file(path / "weights.safetensors")
+        tensors = {}
+        for f in weight_files(path) or [path / "weights.safetensors"]:
+            tensors.update(load_file(f))
     except Exception as e:
         raise CorruptArtifact(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
     g = graph_from_json(nodes)

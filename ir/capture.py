@@ -6,6 +6,7 @@ and metadata-assert nodes are dropped, and ops that are the identity here (same-
 aliases, zero dropout, contiguous) are bypassed, so analyses see the arithmetic only."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -78,8 +79,11 @@ def _addmm_to_linear(gm: fx.GraphModule):
             owner = gm.get_submodule(path)
         t = getattr(owner, leaf)
         setattr(owner, leaf, torch.nn.Parameter(t.detach().t().contiguous(), requires_grad=False))
+        gm.meta.setdefault(TRANSPOSED, set()).add(w.target)
         _as_linear(g, out, mm, (flat.args[0], w, bias), (out, mm) + ((flat,) if len(flat.users) == 1 else ()))
 
+
+TRANSPOSED = "lowbit_transposed"   # gm.meta key: the weights capture stored transposed
 
 _TRANSPOSES = {aten.numpy_T.default, aten.t.default, aten.transpose.int, aten.permute.default}
 
@@ -180,8 +184,11 @@ def _attr(gm, target):
     return obj
 
 
-def capture(model: torch.nn.Module, info: ModelInfo, tokenizer=None, example_len: int = 16) -> IR:
-    """Export `model` (a transformers-style causal LM in eval mode) into the IR."""
+def capture(model: torch.nn.Module, info: ModelInfo, tokenizer=None, example_len: int = 16,
+            fake_mode=None) -> IR:
+    """Export `model` (a transformers-style causal LM in eval mode) into the IR. `fake_mode`: the
+    FakeTensorMode the model's parameters were made in, when they hold no data (ir/load.py binds
+    them to the checkpoint's files afterwards)."""
     model = model.eval()
     wrapper = _LogitsOnly(model)
     vocab = info.vocab_size
@@ -190,7 +197,7 @@ def capture(model: torch.nn.Module, info: ModelInfo, tokenizer=None, example_len
     dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024),
                           1: torch.export.Dim("seq", min=1, max=max_ctx)}}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fake_mode or contextlib.nullcontext():
             ep = torch.export.export(wrapper, (example,), dynamic_shapes=dims, strict=False)
     except Exception as e:  # export errors are long; keep the first line, it names the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

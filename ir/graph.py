@@ -9,6 +9,8 @@ import torch
 import torch.fx as fx
 
 from . import meta
+from .errors import LowbitError
+from .store import OnDemand, Spill, Stored
 
 # Wrapper prefix torch.export puts on every parameter and module path of the captured model.
 WRAPPER_PREFIX = "model."
@@ -39,12 +41,14 @@ class IR:
         self.stats: list[dict] = []         # per-pass results, in order
         self.extra_tensors: dict[str, torch.Tensor] = {}   # kept with the artifact, not read by the graph
         self.scratch: dict[Any, Any] = {}   # results passes share within one compile (not saved)
+        self.stored: dict[str, Stored] = {}  # tensors left on disk until read (ir/store.py)
+        self.spill: Spill | None = None      # where written tensors go past the memory budget
         self._analysis = None
         self._linears = None
         self._next_handle = 1 + max((n.meta.get(meta.HANDLE, 0) for n in gm.graph.nodes), default=0)
 
-    def __getstate__(self):   # copies recompute analyses (they hold this graph's nodes)
-        return {**self.__dict__, "_analysis": None, "_linears": None}
+    def __getstate__(self):   # copies recompute analyses (they hold this graph's nodes); writes stay in memory
+        return {**self.__dict__, "_analysis": None, "_linears": None, "spill": None}
 
     @property
     def graph(self) -> fx.Graph:
@@ -87,20 +91,58 @@ class IR:
 
     # -- tensors held by the module (parameters and buffers, addressed by get_attr target) -----
     def tensor(self, target: str) -> torch.Tensor:
+        """The tensor at `target`, read from disk when it is stored there (the caller frees it)."""
+        if target in self.stored:
+            return self.stored[target].read()
         owner, leaf = self._owner(target)
         return getattr(owner, leaf)
 
-    def set_tensor(self, target: str, value: torch.Tensor):
-        """Create or replace the tensor at `target` (stored as a buffer: nothing here trains)."""
+    def placeholder(self, target: str) -> torch.Tensor:
+        """The tensor at `target` or, when it is on disk, an empty one of its shape and dtype."""
+        owner, leaf = self._owner(target)
+        return getattr(owner, leaf)
+
+    def set_tensor(self, target: str, value: torch.Tensor | Stored):
+        """Create or replace the tensor at `target` (stored as a buffer: nothing here trains); a
+        `Stored` value stays on disk. Past the spill budget, written tensors move to disk."""
+        old = self.stored.pop(target, None)
+        if self.spill is not None:
+            self.spill.forget(target, old)
         owner, leaf = self._owner(target, create=True)
         if leaf in owner._parameters:
             del owner._parameters[leaf]
+        if isinstance(value, Stored):
+            self.stored[target] = value
+            owner.register_buffer(leaf, value.placeholder())
+            return
         owner.register_buffer(leaf, value.detach().contiguous())
+        if self.spill is not None:
+            self.spill.wrote(self, target, value)
 
     def del_tensor(self, target: str):
+        old = self.stored.pop(target, None)
+        if self.spill is not None:
+            self.spill.forget(target, old)
         owner, leaf = self._owner(target)
         owner._parameters.pop(leaf, None)
         owner._buffers.pop(leaf, None)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the graph reads, on disk or in memory."""
+        return sum(self.placeholder(t).numel() * self.placeholder(t).element_size() for t in self.tensor_targets())
+
+    def whole(self, what: str):
+        """Every tensor in memory, for work that needs the whole model at once (gradients through
+        it). A model left on disk for its size is refused, naming `what`."""
+        if self.stored and self.spill is not None:
+            raise LowbitError(f"{what} needs the whole model in memory ({self.nbytes() / 2**20:,.0f} MiB in float32), "
+                              "more than --max-memory allows")
+        self.materialize()
+
+    def materialize(self):
+        """Read every stored tensor into memory (a model that fits runs as a plain module)."""
+        for target, s in list(self.stored.items()):
+            self.set_tensor(target, s.read())
 
     def param(self, target: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
         """Store `value` at `target` and return a get_attr node reading it."""
@@ -162,7 +204,9 @@ class IR:
         """An IR over a copy of the graph whose module shares this IR's tensors: passes run on the
         fork replace tensors (set_tensor) in the fork only."""
         import copy
-        return IR(fx.GraphModule(self.gm, copy.deepcopy(self.graph)), self.info, self.tokenizer)
+        fork = IR(fx.GraphModule(self.gm, copy.deepcopy(self.graph)), self.info, self.tokenizer)
+        fork.stored = dict(self.stored)
+        return fork
 
     def constant(self, node: fx.Node) -> torch.Tensor:
         """The value of a node computed from stored tensors alone (e.g. a linear's weight through
@@ -172,9 +216,13 @@ class IR:
         args = [self.constant(a) if isinstance(a, fx.Node) else a for a in node.args]
         return node.target(*args, **node.kwargs)
 
-    def referenced_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor a get_attr node reads, by target (what an artifact must store)."""
-        return {n.target: self.tensor(n.target) for n in self.graph.nodes if n.op == "get_attr"}
+    def tensor_targets(self) -> list[str]:
+        return list(dict.fromkeys(n.target for n in self.graph.nodes if n.op == "get_attr"))
+
+    def referenced_tensors(self):
+        """(target, tensor) for every tensor a get_attr node reads (what an artifact must store),
+        one at a time: tensors on disk are read as they come."""
+        return ((t, self.tensor(t)) for t in self.tensor_targets())
 
     def remove_dead(self) -> int:
         """Erase nodes without users (and the tensors only they read); returns how many."""
@@ -197,7 +245,7 @@ class IR:
     # -- running -------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.gm(input_ids)
+        return OnDemand(self).run(input_ids) if self.stored else self.gm(input_ids)
 
 
 def _has_side_effects(n: fx.Node) -> bool:

@@ -14,9 +14,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .errors import LowbitError
-from .graph import IR, ModelInfo
+from .graph import IR, ModelInfo, short_name
+from .store import Stored
 
 log = logging.getLogger("lowbit")
 
@@ -128,14 +130,112 @@ def load_model(spec, tokenizer: str | None = None, name: str | None = None, sour
     return model.eval(), tok, info
 
 
-def load(spec, tokenizer: str | None = None, name: str | None = None, source_hash: str | None = None) -> IR:
-    """Load and capture. An artifact directory (lowbit compile output) loads as its compiled IR."""
+def _checkpoint_keys(files) -> dict[str, tuple[str, tuple[int, ...]]]:
+    keys = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                keys[k] = (str(f), tuple(h.get_slice(k).get_shape()))
+    return keys
+
+
+def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str | None) -> IR | None:
+    """Capture an HF checkpoint without reading its weights: the model is built with its parameters
+    as fake tensors (its buffers, computed from the config, are real), exported, and every
+    parameter becomes a `Stored` entry naming its tensor in the safetensors files. None when a
+    parameter has no tensor of its name and shape there (checkpoints whose names transformers
+    converts while loading): those load whole."""
+    from accelerate import init_empty_weights
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .capture import TRANSPOSED, capture
+    _quiet_transformers()
+    files = sorted(path.glob("*.safetensors"))
+    keys = _checkpoint_keys(files)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
+    model.tie_weights()   # from_pretrained ties them; from_config leaves them apart
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}   # tied parameters: one tensor, several names
+    for n, p in params.items():
+        aliases.setdefault(id(p), []).append(n)
+    key_of = {}
+    for n in [*params, *(b for b, _ in model.named_buffers(remove_duplicate=False))]:
+        names = aliases[id(params[n])] if n in params else [n]
+        found = [k for a in names for k in (a, a.removeprefix(prefix)) if k in keys]
+        if found:
+            key_of[n] = found[0]
+        elif n in params:
+            log.info("%s: parameter %s is not in the checkpoint under its name: loading whole", name, n)
+            return None
+    fm = FakeTensorMode(allow_non_fake_inputs=True)
+    originals, fakes = list(model.parameters()), {}
+    for mod in model.modules():
+        for k, p in mod._parameters.items():
+            if p is not None:
+                if id(p) not in fakes:
+                    with fm:
+                        fakes[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+                mod._parameters[k] = fakes[id(p)]
+    del originals
+    cfg = model.config
+    info = ModelInfo(family=cfg.model_type, vocab_size=cfg.vocab_size,
+                     max_ctx=int(getattr(cfg, "max_position_embeddings", 2048)),
+                     source=name, source_hash=source_hash or sha256_files(files + [path / "config.json"]))
+    ir = capture(model, info, HFTokenizer(AutoTokenizer.from_pretrained(tokenizer or path)), fake_mode=fm)
+    transposed = ir.gm.meta.get(TRANSPOSED, set())
+    for target, t in [*ir.gm.named_parameters(remove_duplicate=False), *ir.gm.named_buffers(remove_duplicate=False)]:
+        n = short_name(target)
+        if n not in key_of:
+            if is_fake(t):
+                log.info("%s: %s is not in the checkpoint: loading whole", name, n)
+                return None
+            continue
+        file, shape = keys[key_of[n]]
+        turn = target in transposed
+        if tuple(t.shape) != (shape[::-1] if turn else shape):
+            log.info("%s: %s is %s in the checkpoint, %s in the model: loading whole", name, n, shape, tuple(t.shape))
+            return None
+        ir.set_tensor(target, Stored(file, key_of[n], tuple(t.shape), t.dtype, turn))
+    return ir
+
+
+def default_max_memory() -> int:
+    """Half of this machine's physical memory, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def load(spec, tokenizer: str | None = None, name: str | None = None, source_hash: str | None = None,
+         max_memory: int | None = None) -> IR:
+    """Load and capture. An artifact directory (lowbit compile output) loads as its compiled IR.
+    A Hugging Face checkpoint is captured without its weights; they are read into memory when
+    their float32 size is at most half of `max_memory` (default: half of physical memory), and
+    otherwise stay in the checkpoint's files, read when a pass or a run needs them."""
     from .artifact import is_artifact, load_artifact
     log.info("loading %s", name or spec)
     t = time.perf_counter()
+    path = Path(spec)
+    ir = None
     if is_artifact(spec):
         ir = load_artifact(spec)
-    else:
+    elif path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        try:
+            ir = capture_lazy(path, tokenizer, name or str(path), source_hash)
+        except LowbitError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LowbitError(f"could not load {name or path}: {first}") from e
+        if ir is not None:
+            budget = max_memory or default_max_memory()
+            if ir.nbytes() <= budget // 2:
+                ir.materialize()
+                _check_finite(ir.gm, name or path)
+            else:
+                log.info("%.1f GB of weights in float32: kept on disk, read block by block", ir.nbytes() / 1e9)
+    if ir is None:
         from .capture import capture
         model, tok, info = load_model(spec, tokenizer, name, source_hash)
         ir = capture(model, info, tok)

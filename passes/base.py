@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.ir.errors import LowbitError
+from lowbit.ir.store import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class PassContext:
     calib: torch.Tensor | None = None     # [n, ctx] token windows from calibration text
     progress: bool = False
     later: dict = field(default_factory=dict)   # pass class -> its entries after the running pass (set by the manager)
+    resume: Path | None = None            # where passes keep finished pieces, so a killed compile resumes
+    checkpoint: Checkpoint | None = None  # the running entry's part of `resume` (set by the manager)
 
     def following(self, cls) -> list:
         """The entries of pass class `cls` after the running pass; the pass must declare it reads them."""

@@ -3,9 +3,9 @@ column-by-column quantizer with error feedback through the inverse Hessian."""
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
+from lowbit.ir.store import OnDemand
 from lowbit.ir.formats.uniform import QuantSpec, fit_groups
 
 
@@ -61,17 +61,18 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     return out
 
 
-class _Calibrate(fx.Interpreter):
+class _Calibrate(OnDemand):
     """Runs the graph on the whole calibration batch node by node; at each linear to quantize it
     accumulates H from the linear's actual input, calls `quantize(node, w, h) -> w_hat`, and
-    continues with w_hat (sequential) or the original weight. Values are freed after their last
-    use, and the walk stops after the last linear, so memory holds about one layer's tensors."""
+    continues with w_hat (sequential) or the original weight. Values (weights on disk included:
+    they are read when their node runs) are freed after their last use, and the walk stops after
+    the last linear, so memory holds about one layer's tensors."""
 
     class Done(Exception):
         pass
 
-    def __init__(self, gm, targets, quantize, sequential):
-        super().__init__(gm)
+    def __init__(self, ir, targets, quantize, sequential):
+        super().__init__(ir)
         self.targets, self.quantize, self.sequential = set(targets), quantize, sequential
 
     def run_node(self, n):
@@ -91,9 +92,9 @@ class _Calibrate(fx.Interpreter):
 
 
 @torch.no_grad()
-def calibrate_and_quantize(gm, targets, calib: torch.Tensor, quantize, sequential: bool = True):
+def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True):
     try:
-        _Calibrate(gm, targets, quantize, sequential).run(calib)
+        _Calibrate(ir, targets, quantize, sequential).run(calib)
     except _Calibrate.Done:
         pass
 

@@ -160,6 +160,7 @@ class LearnRotations(Pass):
         c = self.config
         if LEARNED_R1 in ir.extra_tensors:
             return PassResult(False, {"already": True})
+        ir.whole("learn-rotations (gradients through the model)")
         s = ir.analysis
         if c.load:
             return self._load(ir, s, Path(c.load))

@@ -4,6 +4,7 @@ pass's options) and a quantizer registered for that class, so a new method is a 
 function, not a branch."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -11,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from lowbit.ir import meta
-from lowbit.ir.formats import Packed, lut, uniform
+from lowbit.ir.formats import FORMATS, Packed, WeightFormat, lut, uniform
 from lowbit.ir.formats.sparse import csr_rows
 from lowbit.ir.formats.uniform import QuantSpec
 
@@ -19,6 +20,8 @@ from .base import Lossy, Pass, PassContext, PassFailure, PassResult, register
 from .gptq import calibrate_and_quantize, gptq, gptq_columns
 from .instruments import sqnr_db
 from .sensitivity import fisher
+
+log = logging.getLogger("lowbit")
 
 # Minimum logits SQNR the numeric-diff instrument holds a weight quantizer to, by bits: a
 # floor well under what RTN measures on stories260K and SmolLM2 (see tests), to catch breakage
@@ -74,6 +77,27 @@ class SqueezeLLM(ColumnWalk):
     @property
     def hessian(self) -> bool:
         return self.gptq
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """What quantizing one linear leaves besides its packed tensors (already in the IR, by name)."""
+    format: WeightFormat
+    tensors: list[str | None]   # IR targets in the format op's argument order; None: absent
+    consts: tuple
+    info: dict
+    shape: tuple[int, int]
+    nbytes: int
+    sqnr_db: float
+
+    def note(self) -> dict:
+        return {"format": self.format.name, "tensors": self.tensors, "consts": list(self.consts), "info": self.info,
+                "shape": list(self.shape), "nbytes": self.nbytes, "sqnr_db": self.sqnr_db}
+
+    @classmethod
+    def from_note(cls, d: dict) -> "Quantized":
+        fmt = next(f for f in FORMATS if f.name == d["format"])
+        return cls(fmt, d["tensors"], tuple(d["consts"]), d["info"], tuple(d["shape"]), d["nbytes"], d["sqnr_db"])
 
 
 QUANTIZERS: dict[type, Callable] = {}   # scheme class -> (scheme, W, H or None, sensitivity or None) -> Packed
@@ -205,69 +229,92 @@ class QuantizeWeights(Pass):
                 raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
         if (scheme.hessian or scheme.fisher) and ctx.calib is None:
             raise PassFailure(f"method={c.method} needs calibration text (compile --calib FILE)")
-        stored = self._quantize(ir, ctx, scheme, todo)
+        stored, resumed = self._quantize(ir, ctx, scheme, todo)
         for lin in todo:
-            self._rewrite(ir, lin, *stored[lin.node])
+            self._rewrite(ir, lin, stored[lin.node])
         ir.remove_dead()
         ir.changed()
         stats = self._stats(todo, stored)
+        if resumed:
+            stats["resumed_linears"] = resumed
         if s.skipped:   # linears whose weight is computed, not stored: left in float, and said so
             stats["not_quantized"] = s.skipped
         return PassResult(True, stats)
 
     def _quantize(self, ir, ctx, scheme, todo) -> dict:
-        """{linear node: (Packed, whole W, whole W_hat)}, the whole being dense plus sparse outliers."""
+        """{linear node: Quantized}. Each linear's packed tensors go into the IR as soon as they
+        exist (past the memory budget, on to disk); nothing else of it is kept."""
         c = self.config
         quantize = QUANTIZERS[type(scheme)]
         fish = fisher(ir, ctx, c.samples) if scheme.fisher else {}
         bar = tqdm(total=len(todo), desc=f"quantize-weights ({c.method})", unit="linear",
                    disable=not ctx.progress, leave=False)
-        stored = {}
+        stored, resumed = {}, []
 
         def store(lin, h=None):
-            w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
-            p = quantize(scheme, w, h, self._sensitivity(ir, lin, fish) if scheme.fisher else None)
-            w_hat = p.w_hat()
-            if lin.sparse:
-                w, w_hat = self._absorb(ir, lin, w, w_hat)
-            stored[lin.node] = p, w, w_hat
+            done = ctx.checkpoint.get(lin.weight) if ctx.checkpoint else None
+            if done is not None:   # quantized by an earlier, interrupted run of this compile
+                tensors, note = done
+                resumed.append(lin.name)
+                for name, t in tensors.items():
+                    ir.set_tensor(name, t)
+                q = Quantized.from_note(note)
+                w_hat = q.format.op(*(ir.tensor(n) if n else None for n in q.tensors), *q.consts)
+                w_hat = _plus_sparse(ir, lin, w_hat) if lin.sparse else w_hat
+            else:
+                w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
+                p = quantize(scheme, w, h, self._sensitivity(ir, lin, fish) if scheme.fisher else None)
+                w_hat = p.w_hat()
+                if lin.sparse:   # the whole weight (dense plus sparse): what the SQNR compares, what runs on
+                    w, w_hat = self._absorb(ir, lin, w, w_hat)
+                names = [f"{lin.home}.q.{k}" if t is not None else None for k, t in p.tensors.items()]
+                written = {n: t for n, t in zip(names, p.tensors.values()) if n is not None}
+                for name, t in written.items():
+                    ir.set_tensor(name, t)
+                q = Quantized(p.format, names, p.consts, p.info, tuple(w.shape), p.nbytes(), round(sqnr_db(w, w_hat), 2))
+                if ctx.checkpoint:
+                    if lin.sparse:
+                        written[lin.sparse[2]] = ir.tensor(lin.sparse[2])
+                    ctx.checkpoint.put(lin.weight, written, q.note())
+            stored[lin.node] = q
             bar.update()
             return w_hat
 
         if scheme.hessian:
             by_node = {lin.node: lin for lin in todo}
-            calibrate_and_quantize(ir.gm, list(by_node), ctx.calib[: c.samples],
+            calibrate_and_quantize(ir, list(by_node), ctx.calib[: c.samples],
                                    lambda node, w, h: store(by_node[node], h), c.sequential)
         else:
             for lin in todo:
                 store(lin)
         bar.close()
-        return stored
+        if resumed:
+            log.info("quantize-weights: %d of %d linears taken from the interrupted compile", len(resumed), len(todo))
+        return stored, len(resumed)
 
-    def _rewrite(self, ir, lin, p: Packed, w, w_hat):
+    def _rewrite(self, ir, lin, q: Quantized):
         """linear(x, W, b) -> linear(x, op(packed tensors...), b); a sparse_add of outliers stays
         between the two (its values already absorb the dense error where they sit)."""
-        base = lin.home + ".q"
         user = next(iter(u for u in lin.weight_node.users if u is lin.node or lin.node in u.users))
-        attrs = [ir.param(f"{base}.{k}", t, user) if t is not None else None for k, t in p.tensors.items()]
-        ir.insert(p.format.op, (*attrs, *p.consts), before=user, typ=f"f32[{w.shape[0]},{w.shape[1]}]",
+        attrs = [ir.get_attr(name, user) if name is not None else None for name in q.tensors]
+        ir.insert(q.format.op, (*attrs, *q.consts), before=user, typ=f"f32[{q.shape[0]},{q.shape[1]}]",
                   swap=(lin.weight_node, [user]))
-        lin.node.meta[meta.QUANT] = {"method": self.config.method, **p.info, "shape": list(w.shape),
-                                     "tensors": [f"{base}.{k}" for k, t in p.tensors.items() if t is not None],
-                                     "bpw": round(8 * p.nbytes() / w.numel(), 4)}
+        lin.node.meta[meta.QUANT] = {"method": self.config.method, **q.info, "shape": list(q.shape),
+                                     "tensors": [n for n in q.tensors if n is not None],
+                                     "bpw": round(8 * q.nbytes / (q.shape[0] * q.shape[1]), 4)}
 
     def _stats(self, todo, stored) -> dict:
         n_weights = n_bytes = partial = 0
         sqnrs, groups = {}, {}
         for lin in todo:
-            p, w, w_hat = stored[lin.node]
-            sqnrs[lin.name] = round(sqnr_db(w, w_hat), 2)
+            q = stored[lin.node]
+            sqnrs[lin.name] = q.sqnr_db
             if self.config.method == "finequant":
-                groups[lin.name] = p.info["group"]
-            n_weights += w.numel()
-            n_bytes += p.nbytes()
-            g = p.info["group"]
-            partial += g != -1 and w.shape[1] % g != 0
+                groups[lin.name] = q.info["group"]
+            n_weights += q.shape[0] * q.shape[1]
+            n_bytes += q.nbytes
+            g = q.info["group"]
+            partial += g != -1 and q.shape[1] % g != 0
         vals = list(sqnrs.values())
         stats = {"linears": len(todo), "weights": n_weights, "bits_per_weight": round(8 * n_bytes / n_weights, 4),
                  "partial_last_group": int(partial), "weight_sqnr_db_min": min(vals),
@@ -291,11 +338,16 @@ class QuantizeWeights(Pass):
         rows, cols = csr_rows(crow), col.long()
         w = dense.clone()
         w[rows, cols] += val.float()
-        new = (w[rows, cols] - dense_hat[rows, cols]).to(torch.float16)
-        ir.set_tensor(lin.sparse[2], new)
-        w_hat = dense_hat.clone()
-        w_hat[rows, cols] += new.float()
-        return w, w_hat
+        ir.set_tensor(lin.sparse[2], (w[rows, cols] - dense_hat[rows, cols]).to(torch.float16))
+        return w, _plus_sparse(ir, lin, dense_hat)
+
+
+def _plus_sparse(ir, lin, dense_hat: torch.Tensor) -> torch.Tensor:
+    """The whole weight a split linear computes: its dense part plus its sparse values."""
+    crow, col, val = (ir.tensor(t) for t in lin.sparse)
+    w_hat = dense_hat.clone()
+    w_hat[csr_rows(crow), col.long()] += val.float()
+    return w_hat
 
 
 def _sparse_mask(ir, lin) -> torch.Tensor:

@@ -19,6 +19,7 @@ def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
         return ir.scratch[key]
     if ctx.calib is None:
         raise PassFailure("needs calibration text for the Fisher information (compile --calib FILE)")
+    ir.whole("the Fisher information (gradients of the loss)")
     lins = [lin for lin in ir.linears.linears.values() if not lin.quantized]
     params = {lin.weight: ir.tensor(lin.weight).detach().float().requires_grad_() for lin in lins}
     acc = {t: torch.zeros_like(p) for t, p in params.items()}

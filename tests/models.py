@@ -41,11 +41,15 @@ def tiny_config(family: str):
     return AutoConfig.for_model(family, **kw)
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A random-weight model; norm weights are randomized too so folding them is a real test."""
+def tiny_model(family: str, seed: int = 0, **config):
+    """A random-weight model; norm weights are randomized too so folding them is a real test.
+    `config` overrides the family's tiny config."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    cfg = tiny_config(family)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if family in FAMILIES and "norm" in name:
@@ -53,6 +57,21 @@ def tiny_model(family: str, seed: int = 0):
             elif family not in FAMILIES and p.dim() == 1:   # norm weights and biases, away from 1 and 0
                 p.add_(torch.randn_like(p) * 0.3)
     return model
+
+
+def tiny_hf_dir(path, family: str = "qwen2", dtype=torch.float32, **config):
+    """A tiny random-weight model saved as a Hugging Face directory (safetensors in `dtype`) with a
+    small BPE tokenizer trained on a sentence; `config` overrides the family's tiny config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    model = tiny_model(family, **config)
+    model.to(dtype).save_pretrained(path)
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
+                          trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return model.float()
 
 
 def tiny_ir(family: str, seed: int = 0):

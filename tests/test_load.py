@@ -6,24 +6,11 @@ import torch
 from lowbit.ir.errors import LowbitError
 from lowbit.ir.load import load, load_model
 from lowbit.passes import PassManager
-from models import tiny_model
-
-
-def _hf_dir(path, family="qwen2"):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    model = tiny_model(family)
-    model.save_pretrained(path)
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
-                          trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    return model
+from models import tiny_hf_dir
 
 
 def test_hf_directory(tmp_path):
-    model = _hf_dir(tmp_path)
+    model = tiny_hf_dir(tmp_path)
     ir = load(str(tmp_path))
     x = torch.tensor([ir.tokenizer.encode("the quick brown fox")])
     assert x.shape[1] > 1
@@ -45,7 +32,7 @@ def test_refuses_pickles_and_bad_paths(tmp_path):
 
 
 def test_corrupt_safetensors(tmp_path):
-    _hf_dir(tmp_path)
+    tiny_hf_dir(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{bad json")
     with pytest.raises(LowbitError, match="could not load"):
         load_model(str(tmp_path))

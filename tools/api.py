@@ -16,10 +16,14 @@ user can act on raise LowbitError with a one-line message. Progress is reported 
 `lowbit` logger."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import resource
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,8 @@ import torch
 
 from lowbit.ir.errors import LowbitError
 from lowbit.ir.graph import IR
-from lowbit.ir.load import package_version
+from lowbit.ir.load import cache_dir, default_max_memory, package_version
+from lowbit.ir.store import Spill
 
 log = logging.getLogger("lowbit")
 
@@ -41,12 +46,14 @@ class Compiled:
     out: Path | None
 
 
-def load(model, tokenizer: str | None = None) -> IR:
-    """Load and capture a model (or load an artifact) into the IR."""
+def load(model, tokenizer: str | None = None, max_memory: int | None = None) -> IR:
+    """Load and capture a model (or load an artifact) into the IR. A checkpoint whose float32
+    weights take more than half of `max_memory` bytes (default: half of physical memory) stays on
+    disk, its tensors read when needed."""
     from lowbit.ir.load import load as load_ir
     from lowbit.tools.defaults import resolve
     path, name, source_hash = resolve(model)
-    return load_ir(path, tokenizer, name, source_hash)
+    return load_ir(path, tokenizer, name, source_hash, max_memory)
 
 
 def pipeline_text(recipe: str | None = None, passes: str | None = None) -> tuple[str, str | None]:
@@ -64,10 +71,16 @@ def pipeline_text(recipe: str | None = None, passes: str | None = None) -> tuple
 
 def compile(model, recipe: str | None = None, *, passes: str | None = None, calib=None, out=None, seed: int = 0,
             tokenizer: str | None = None, force: bool = False, dump_ir=None, verify: bool = False,
-            diff: bool = False, provenance: bool = False, progress: bool = True) -> Compiled:
+            diff: bool = False, provenance: bool = False, progress: bool = True,
+            max_memory: int | None = None) -> Compiled:
     """Run a recipe (or a pipeline text) on a model; with `out`, write the artifact there.
-    calib: a text file for the passes that calibrate (never the evaluation text)."""
-    from lowbit.ir.artifact import check_output_dir, is_artifact, read_manifest, save_artifact
+    calib: a text file for the passes that calibrate (never the evaluation text).
+
+    A model larger than `max_memory` allows (see `load`) compiles with its tensors on disk: read
+    when a pass needs them, and what passes write moves to spill files past a quarter of the
+    budget. With `out`, finished pieces of long passes are kept beside it (`.NAME.resume`) until
+    the artifact is written: the same command after an interruption resumes from them."""
+    from lowbit.ir.artifact import check_output_dir, is_artifact, point_at, read_manifest, save_artifact
     from lowbit.ir.load import sha256_files
     from lowbit.passes import PassContext, PassManager
     from lowbit.passes.instruments import DumpIR, NumericDiff, Provenance, Timing, Verify
@@ -81,11 +94,18 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     done = read_manifest(model).get("pipeline_entries", []) if is_artifact(model) else []
     pm = PassManager(text, done=done)   # parsed and checked before the (slow) load: typos fail fast
     torch.manual_seed(seed)
-    ir = load(model, tokenizer)
+    ir = load(model, tokenizer, max_memory)
     calib_info, calib_win = None, None
     if calib:
         calib_win = windows(ir.tokenizer.encode(read_text(calib)), min(512, ir.info.max_ctx), 128 * 512)
         calib_info = {"path": str(calib), "sha256": sha256_files([calib]), "windows": len(calib_win)}
+    if ir.stored:
+        spill = Path(tempfile.mkdtemp(prefix="lowbit-spill-", dir=Path(out).parent if out else cache_dir()))
+        ir.spill = Spill(spill, (max_memory or default_max_memory()) // 4)
+        weakref.finalize(ir, shutil.rmtree, spill, True)
+    resume = _resume_dir(Path(out), {"source": ir.info.source_hash, "pipeline": text, "done": done, "seed": seed,
+                                     "calibration": calib_info and calib_info["sha256"],
+                                     "lowbit": package_version("lowbit")}) if out is not None else None
     timing = Timing()
     pm.instruments = [timing] + ([Provenance()] if provenance else []) + ([DumpIR(dump_ir)] if dump_ir else []) \
         + ([Verify()] if verify else [])
@@ -93,7 +113,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
         pm.instruments.append(NumericDiff(torch.randint(0, ir.info.vocab_size, (2, 64),
                                                         generator=torch.Generator().manual_seed(seed))))
     log.info("running %s", pm)
-    pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress))
+    pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress, resume=resume))
     manifest = {"lowbit_version": package_version("lowbit"), "torch_version": torch.__version__,
                 "transformers_version": package_version("transformers"), "python": platform.python_version(),
                 "seed": seed, "recipe": recipe, "calibration": calib_info,
@@ -102,22 +122,42 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
                 "storage": {k: v for k, v in storage(ir).items() if k != "linears"}}
     if out is not None:
         save_artifact(ir, Path(out), manifest, force=force)
+        point_at(ir, Path(out))
+        shutil.rmtree(resume, ignore_errors=True)
         log.info("wrote %s in %ss (peak memory %.0f MB)", out, manifest["compile_seconds"], manifest["peak_rss_mb"])
     return Compiled(ir, manifest, timing.seconds, Path(out) if out is not None else None)
 
 
+def _resume_dir(out: Path, key: dict) -> Path:
+    """Where a compile into `out` keeps finished pieces; what an earlier compile with other inputs
+    left there is discarded."""
+    d = out.parent / f".{out.name}.resume"
+    key_file = d / "key.json"
+    if d.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
+        log.info("discarding %s: left by a compile with other inputs", d)
+        shutil.rmtree(d)
+    if d.exists():
+        log.info("resuming from %s", d)
+    d.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key))
+    return d
+
+
 def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int = 4, backend: str = "torch",
-             accuracy_level: int = 4, progress: bool = True) -> dict:
+             accuracy_level: int = 4, progress: bool = True, max_memory: int | None = None) -> dict:
     """Perplexity of a model, artifact or IR on a text file: its first `max_tokens` tokens in
-    windows of `ctx`, through the torch reference runtime or onnxruntime (`backend='ort'`)."""
+    windows of `ctx`, through the torch reference runtime or onnxruntime (`backend='ort'`). A model
+    too large for `max_memory` (see `load`) runs node by node, its weights read as they are used."""
     from lowbit.tools.evaluate import check_ctx, perplexity, read_text, windows
     text = read_text(text)
-    ir = model.ir if isinstance(model, Compiled) else model if isinstance(model, IR) else load(model)
+    ir = model.ir if isinstance(model, Compiled) else model if isinstance(model, IR) else load(model, max_memory=max_memory)
     check_ctx(ctx, ir.info.max_ctx)
     if ir.tokenizer is None:
         raise LowbitError(f"{ir.info.source} carries no tokenizer")
     win = windows(ir.tokenizer.encode(text), ctx, max_tokens)
-    if backend == "torch":
+    if backend == "torch" and ir.stored:
+        logits = ir
+    elif backend == "torch":
         from lowbit.backends.reference import ReferenceBackend
         logits = ReferenceBackend(ir).logits
     elif backend == "ort":

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from lowbit.tools import api
 def cmd_compile(args):
     res = api.compile(args.model, args.recipe, passes=args.passes, calib=args.calib, out=args.out, seed=args.seed,
                       tokenizer=args.tokenizer, force=args.force, dump_ir=args.dump_ir, verify=args.verify,
-                      diff=args.diff, provenance=args.provenance)
+                      diff=args.diff, provenance=args.provenance, max_memory=args.max_memory)
     man, st = res.manifest, res.manifest["storage"]
     for name, sec in res.seconds:
         print(f"  {sec:8.2f}s  {name}")
@@ -27,7 +28,7 @@ def cmd_compile(args):
 
 def cmd_eval(args):
     res = api.evaluate(args.model, args.text, ctx=args.ctx, max_tokens=args.max_tokens, batch=args.batch,
-                       backend=args.backend, accuracy_level=args.accuracy_level)
+                       backend=args.backend, accuracy_level=args.accuracy_level, max_memory=args.max_memory)
     if args.json:
         print(json.dumps(res))
     else:
@@ -130,7 +131,34 @@ def cmd_bench_quality(args):
     log.info("tables written to %s/quality.md and quality.json", args.out)
 
 
+def cmd_bench_scale(args):
+    from lowbit.tools.bench_scale import bench_scale, scale_table
+    rep = bench_scale(Path(args.out), [x for x in args.shapes.split(",") if x], [x for x in args.methods.split(",") if x],
+                      args.calib, args.max_memory, args.samples, log=log.info)
+    print(scale_table(rep))
+    log.info("tables written to %s/scale.md and scale.json", args.out)
+
+
 # -- arguments ------------------------------------------------------------------------------------
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def _size(text: str) -> int:
+    """argparse type: a size in bytes such as 8GB, 512MiB or 2e9."""
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", text.lower())
+    try:
+        v = int(float(m.group(1)) * _UNITS[m.group(2) or ""]) if m else 0
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GB or 512MiB, got '{text}'")
+    return v
+
+
+_MAX_MEMORY_HELP = ("memory for weights, e.g. 8GB (default: half of physical memory): a model whose float32 "
+                    "weights take more than half of it stays on disk and is read as passes need it")
+
+
 def _count(minimum: int):
     """argparse type: an integer >= minimum."""
     def parse(text):
@@ -175,6 +203,7 @@ def _add_compile(sub):
     c.add_argument("--verify", action="store_true", help="check IR invariants after each pass")
     c.add_argument("--diff", action="store_true", help="check each pass's numerical contract on fixed inputs")
     c.add_argument("--provenance", action="store_true", help="stamp each new node with the pass that made it")
+    c.add_argument("--max-memory", type=_size, help=_MAX_MEMORY_HELP)
     c.set_defaults(fn=cmd_compile)
 
 
@@ -189,6 +218,7 @@ def _add_eval(sub):
                    help="torch: the reference runtime; ort: exported to ONNX (flavor ort) and run by onnxruntime")
     e.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="with --backend ort: MatMulNBits accuracy level (0 exact float, 4 int8 activations)")
+    e.add_argument("--max-memory", type=_size, help=_MAX_MEMORY_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
@@ -225,7 +255,7 @@ def _add_run(sub):
 
 
 def _add_bench(sub):
-    b = sub.add_parser("bench", help="benchmarks: quality (perplexity against peers), decode (speed), kernels")
+    b = sub.add_parser("bench", help="benchmarks: quality (perplexity against peers), decode (speed), scale (memory), kernels")
     bsub = b.add_subparsers(dest="bench", required=True)
     bq = bsub.add_parser("quality", help="perplexity and bits per weight of FP, lowbit recipes and peer quantizers")
     bq.add_argument("--model", default="smollm2-135m")
@@ -251,6 +281,15 @@ def _add_bench(sub):
     bd.add_argument("--out", default="lowbit-out/bench-decode")
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(fn=cmd_bench_decode)
+
+    bs = bsub.add_parser("scale", help="peak memory and time of compiling random-weight Llama shapes, 135M to 7B")
+    bs.add_argument("--shapes", default="135m,1.1b,3b,7b", help="from 135m, 1.1b, 3b, 7b")
+    bs.add_argument("--methods", default="rtn,gptq")
+    bs.add_argument("--max-memory", type=_size, default=4 << 30, help="the compiles' --max-memory (default 4GiB)")
+    bs.add_argument("--samples", type=_count(1), default=8, help="GPTQ calibration windows of 512 tokens")
+    bs.add_argument("--calib", help="calibration text (default: a packaged text; the weights are random)")
+    bs.add_argument("--out", default="lowbit-out/bench-scale", help="checkpoints, artifacts, per-row results")
+    bs.set_defaults(fn=cmd_bench_scale)
 
     bk = bsub.add_parser("kernels", help="CUDA kernels against cuBLAS fp16 (needs a GPU)")
     bk.add_argument("--repeats", type=_count(1), default=20)

@@ -7,29 +7,30 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lowbit.ir import meta
-from lowbit.ir.artifact import read_manifest
+from lowbit.ir.artifact import read_manifest, weight_files
 from lowbit.ir.graph import short_name
+from lowbit.ir.store import SAFETENSORS_DTYPES
 
-_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 def storage(ir) -> dict:
     """Bits per weight of the quantized linears (codes + scales + zero points) and model size, from
     the live IR's tensors and graph."""
-    sizes = {name: t.numel() * t.element_size() for name, t in ir.referenced_tensors().items()}
+    sizes = {name: ir.placeholder(name).numel() * ir.placeholder(name).element_size() for name in ir.tensor_targets()}
     return _summarize(sizes, _quantized(_graph_rows(ir.graph)))
 
 
 def artifact_storage(path) -> dict:
     path = Path(path)
     sizes = {}
-    with safe_open(path / "weights.safetensors", framework="pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            n = 1
-            for d in sl.get_shape():
-                n *= d
-            sizes[k] = n * _BYTES[sl.get_dtype()]
+    for file in weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                sizes[k] = n * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
     nodes = json.loads((path / "graph.json").read_text())
     return _summarize(sizes, _quantized(nodes))
 

@@ -1,0 +1,146 @@
+"""Tensors kept on disk until something reads them, so that a model larger than memory compiles.
+
+A checkpoint too large to hold is captured without its weights (ir/load.py): each tensor of the IR
+is then a `Stored` entry, a placeholder on the meta device in the module and the name of its
+safetensors file. `IR.tensor` reads it whole, in the dtype the whole-model path would hold, every
+time it is asked (nothing is cached), and the caller frees it. What passes write stays in memory
+up to a budget; past it the `Spill` moves the written tensors into a safetensors file of its own
+directory and they become `Stored` entries too. `OnDemand` runs the graph node by node, reading a
+stored tensor only when a node uses it, so a forward pass holds the live activations and the
+weights of one node."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                      "I64": torch.int64, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor in a safetensors file: `read()` returns it as `dtype` (a 16-bit checkpoint widens to
+    float32 exactly), transposed where capture stored the weight transposed (GPT-2's Conv1D)."""
+    file: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    transpose: bool = False
+
+    def read(self) -> torch.Tensor:
+        with safe_open(self.file, framework="pt") as f:
+            t = f.get_tensor(self.key)
+        t = t.t() if self.transpose else t
+        return t.to(self.dtype).contiguous()
+
+    def placeholder(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    @property
+    def nbytes(self) -> int:
+        return self.placeholder().numel() * self.dtype.itemsize
+
+
+class Spill:
+    """Where the tensors passes write go once more than `budget` bytes of them are in memory: a
+    safetensors file per flush in `directory`, deleted when none of its tensors is live any more."""
+
+    def __init__(self, directory: Path, budget: int):
+        self.dir, self.budget = Path(directory), budget
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[str, int] = {}   # target -> bytes, written since the last flush
+        self.live: Counter[str] = Counter()  # spill file -> how many IR tensors it still holds
+        self._names = (f"spill-{os.getpid()}-{i:05d}.safetensors" for i in itertools.count())
+
+    def wrote(self, ir, target: str, t: torch.Tensor):
+        self.pending[target] = t.numel() * t.element_size()
+        if sum(self.pending.values()) > self.budget:
+            self.flush(ir)
+
+    def forget(self, target: str, old: Stored | None):
+        self.pending.pop(target, None)
+        if old is not None and old.file in self.live:
+            self.live[old.file] -= 1
+            if self.live[old.file] == 0:
+                del self.live[old.file]
+                Path(old.file).unlink(missing_ok=True)
+
+    def flush(self, ir):
+        if not self.pending:
+            return
+        file = str(self.dir / next(self._names))
+        # clone: safetensors refuses tensors that share storage
+        save_file({t: ir.tensor(t).clone() for t in self.pending}, file)
+        for target in list(self.pending):
+            t = ir.tensor(target)
+            ir.set_tensor(target, Stored(file, target, tuple(t.shape), t.dtype))
+            self.live[file] += 1
+
+
+class _Deferred:
+    """What a get_attr node yields under OnDemand: the tensor is read when a node uses it."""
+    __slots__ = ("target",)
+
+    def __init__(self, target: str):
+        self.target = target
+
+
+class OnDemand(fx.Interpreter):
+    """Runs an IR's graph node by node, reading each stored tensor when a node uses it and dropping
+    it after that node: memory holds the live activations and one node's weights."""
+
+    def __init__(self, ir):
+        super().__init__(ir.gm)
+        self.ir = ir
+
+    def run_node(self, n: fx.Node):
+        if n.op == "get_attr":
+            return _Deferred(n.target)
+        return super().run_node(n)
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        read = lambda a: self.ir.tensor(a.target) if isinstance(a, _Deferred) else a   # noqa: E731
+        return fx.node.map_aggregate(args, read), fx.node.map_aggregate(kwargs, read)
+
+
+class Checkpoint:
+    """Finished pieces of a long pass, kept on disk so that a compile killed at any moment (kill -9
+    included) resumes where it stopped: a record is a safetensors file of tensors with a JSON note
+    in its metadata, written under a temporary name and renamed, so it is whole or absent."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: str) -> Path:
+        return self.dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".safetensors")
+
+    def get(self, key: str) -> tuple[dict[str, Stored], dict] | None:
+        """(tensors left on disk, note) of a finished piece, or None."""
+        f = self._file(key)
+        if not f.exists():
+            return None
+        with safe_open(f, framework="pt") as h:
+            note = json.loads(h.metadata()["note"])
+            tensors = {k: Stored(str(f), k, tuple(h.get_slice(k).get_shape()), SAFETENSORS_DTYPES[h.get_slice(k).get_dtype()])
+                       for k in h.keys()}
+        return tensors, note
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], note: dict):
+        f = self._file(key)
+        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"note": json.dumps(note)})
+        os.replace(tmp, f)
+

@@ -1,0 +1,109 @@
+"""Models larger than memory: weights left in the checkpoint's files and read when needed, written
+tensors spilled to disk, artifacts in shards, and compiles that resume after kill -9. A tiny model
+with a budget of a few bytes takes every streamed path; its artifacts must equal the whole-model
+ones bit for bit."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit.ir.artifact import weight_files
+from lowbit.ir.errors import LowbitError
+from lowbit.ir.load import load
+from lowbit.tools import api
+from models import DATA, need_data, tiny_hf_dir
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in weight_files(path):
+        out.update(load_file(f))
+    return out
+
+
+def _same(a, b) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16-llama")
+    tiny_hf_dir(d, "llama", torch.bfloat16, num_hidden_layers=3)
+    return d
+
+
+def test_weights_stay_on_disk_until_read(bf16_dir):
+    lazy, whole = load(str(bf16_dir), max_memory=1000), load(str(bf16_dir))
+    assert lazy.stored and not whole.stored
+    assert all(lazy.placeholder(t).is_meta for t in lazy.stored)
+    w = "model.model.layers.0.self_attn.q_proj.weight"
+    assert lazy.tensor(w).dtype == torch.float32 and torch.equal(lazy.tensor(w), whole.tensor(w))
+    x = torch.randint(0, 200, (2, 9))
+    assert torch.equal(lazy(x), whole(x))   # node by node, each weight read when used
+
+
+@pytest.mark.parametrize("family,recipe", [("llama", "w4-rtn"), ("llama", "w4-gptq"), ("llama", "quarot-w4-gptq"),
+                                           ("gpt2", "w4-gptq"), ("qwen2", "w4a8kv8")])
+def test_streamed_compile_equals_whole(tmp_path, family, recipe):
+    """A budget of 1 kB: every weight is read from the checkpoint when a pass needs it and every
+    tensor a pass writes is spilled to disk at once; the artifact is the same, tensor for tensor."""
+    calib = need_data("tinyshakespeare", "input.txt")
+    tiny_hf_dir(tmp_path / "m", family, torch.bfloat16)
+    whole = api.compile(str(tmp_path / "m"), recipe, calib=calib, out=tmp_path / "whole", progress=False)
+    streamed = api.compile(str(tmp_path / "m"), recipe, calib=calib, out=tmp_path / "streamed", progress=False,
+                           max_memory=1000)
+    assert not whole.ir.stored and streamed.ir.stored
+    assert _same(tmp_path / "whole", tmp_path / "streamed")
+    x = torch.randint(0, 200, (1, 7))
+    assert torch.equal(whole.ir(x), streamed.ir(x))   # the returned IR reads the artifact's files
+    assert not list(tmp_path.glob("lowbit-spill-*")) or not any(tmp_path.glob("lowbit-spill-*/*"))
+
+
+def test_sharded_artifact_loads(tmp_path, bf16_dir):
+    from lowbit.ir.artifact import load_artifact, save_tensors
+    ir = load(str(bf16_dir))
+    save_tensors(ir, tmp_path, shard_bytes=20_000)
+    assert len(weight_files(tmp_path)) > 3
+    assert sorted(_tensors(tmp_path)) == sorted(ir.tensor_targets())
+    api.compile(str(bf16_dir), "w4-rtn", out=tmp_path / "a", progress=False)
+    back = load_artifact(tmp_path / "a")
+    assert back.tensor_targets()
+
+
+def test_whole_model_work_is_refused_by_name(bf16_dir, tmp_path):
+    calib = need_data("tinyshakespeare", "input.txt")
+    with pytest.raises(LowbitError, match="Fisher information .* needs the whole model in memory"):
+        api.compile(str(bf16_dir), "squeezellm-w4", calib=calib, out=tmp_path / "a", progress=False, max_memory=1000)
+
+
+def test_killed_compile_resumes_to_the_same_artifact(tmp_path):
+    """kill -9 once a few linears are finished; the same command resumes, reuses the finished ones
+    (the manifest counts them) and writes the artifact an uninterrupted compile writes."""
+    calib = need_data("tinyshakespeare", "input.txt")
+    tiny_hf_dir(tmp_path / "m", "llama", torch.bfloat16, num_hidden_layers=12, hidden_size=128, intermediate_size=256)
+    cmd = [sys.executable, "-m", "lowbit.tools.cli", "compile", str(tmp_path / "m"), "--recipe", "w4-gptq",
+           "--calib", str(calib), "--out", str(tmp_path / "resumed")]
+    records = tmp_path / ".resumed.resume" / "01-quantize-weights"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and len(list(records.glob("*.safetensors"))) < 5:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len(list(records.glob("*.safetensors")))
+    assert 5 <= kept < 12 * 7, "the compile was not killed mid-way"
+    assert not (tmp_path / "resumed").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    api.compile(str(tmp_path / "m"), "w4-gptq", calib=calib, out=tmp_path / "straight", progress=False)
+    assert _same(tmp_path / "resumed", tmp_path / "straight")
+    assert not (tmp_path / ".resumed.resume").exists()
+    stats = json.loads((tmp_path / "resumed" / "manifest.json").read_text())["passes"][0]
+    assert stats["resumed_linears"] == kept and stats["linears"] == 12 * 7
