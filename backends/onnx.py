@@ -68,7 +68,7 @@ def _hadamard_factors(n: int) -> list[np.ndarray]:
     k, p = hadamard.factor(n) or (None, None)
     if k is None:
         raise LowbitError(f"no Hadamard transform of size {n}")
-    mats = [hadamard._base_matrices()[k].numpy()] if k > 1 else []
+    mats = [hadamard.base_matrix(k).numpy()] if k > 1 else []
     while p > 1:
         f = min(p, 16)
         mats.append(hadamard._sylvester(f).numpy())

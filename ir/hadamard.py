@@ -1,9 +1,13 @@
 """Hadamard matrices and the fast Walsh-Hadamard transform.
 
-Supported sizes: n = 2^m, and n = K * 2^m for K in BASE_ORDERS (the sizes QuaRot handles). For
-those, H_n = H_K kron H_{2^m} (Sylvester for the power of two). The base matrices of order K are
-data (`hadamard_matrices.txt`: per order, one hex row per line, bit set = -1, first entry the
-most significant bit), checked to satisfy H H^T = K I when loaded.
+Supported sizes: n = 2^m, and n = K * 2^m where a base matrix of order K is known:
+- the orders QuaRot ships (BASE_ORDERS), stored as data (`hadamard_matrices.txt`: per order, one
+  hex row per line, bit set = -1, first entry the most significant bit);
+- Paley's constructions over a prime field GF(q): order q + 1 for q = 3 (mod 4), order 2(q + 1)
+  for q = 1 (mod 4). They reach the widths real models use outside QuaRot's list: 4864 and 9728
+  (76 = 2(37 + 1)), 18944 (148 = 2(73 + 1)), 5632 and 2816 (44 = 43 + 1), 4544 (284 = 283 + 1).
+Then H_n = H_K kron H_{2^m} (Sylvester for the power of two); K is the smallest such order, and
+every base matrix is checked to satisfy H H^T = K I when made.
 
 Conventions: rotations act on row vectors (x_rot = x @ Q); Q = H_n / sqrt(n) is orthogonal.
 `lowbit.hadamard(x)` computes x @ Q along the last dim in O(n (m + K)) operations: a butterfly
@@ -21,7 +25,7 @@ _DATA = Path(__file__).with_name("hadamard_matrices.txt")
 
 
 @functools.cache
-def _base_matrices() -> dict[int, torch.Tensor]:
+def _stored_matrices() -> dict[int, torch.Tensor]:
     out, order, rows = {}, None, []
     for line in _DATA.read_text().split("\n"):
         line = line.strip()
@@ -31,26 +35,70 @@ def _base_matrices() -> dict[int, torch.Tensor]:
         elif line:
             bits = bin(int(line, 16))[2:].zfill(len(line) * 4)[:order]
             rows.append([-1.0 if b == "1" else 1.0 for b in bits])
-    mats = {}
-    for k, r in out.items():
-        h = torch.tensor(r, dtype=torch.float64)
-        if h.shape != (k, k) or not torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)):
-            raise RuntimeError(f"corrupt Hadamard data for order {k}")
-        mats[k] = h
-    return mats
+    return {k: _checked(torch.tensor(r, dtype=torch.float64), k) for k, r in out.items()}
+
+
+def _checked(h: torch.Tensor, k: int) -> torch.Tensor:
+    if h.shape != (k, k) or not torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)):
+        raise RuntimeError(f"not a Hadamard matrix of order {k}")
+    return h
+
+
+def _prime(q: int) -> bool:
+    return q > 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _paley_prime(k: int) -> int | None:
+    """q when Paley's construction I (k = q + 1, q = 3 mod 4) or II (k = 2(q + 1), q = 1 mod 4) over
+    the prime field GF(q) gives order k."""
+    if _prime(k - 1) and (k - 1) % 4 == 3:
+        return k - 1
+    if k % 2 == 0 and _prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+        return k // 2 - 1
+    return None
+
+
+def _paley(k: int) -> torch.Tensor:
+    q = _paley_prime(k)
+    squares = {x * x % q for x in range(1, q)}
+    idx = torch.arange(q)
+    diff = (idx[None, :] - idx[:, None]) % q   # Jacobsthal matrix Q[i, j] = chi(j - i)
+    jac = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)[diff]
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[1:, 1:] = jac
+    c[0, 1:] = 1
+    if k == q + 1:           # I: Q is skew; H = I + [[0, 1], [-1, Q]]
+        c[1:, 0] = -1
+        return c + torch.eye(k, dtype=torch.float64)
+    c[1:, 0] = 1             # II: the symmetric conference matrix C; H = C kron H2' + I kron H2''
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(c, h2) + torch.kron(torch.eye(q + 1, dtype=torch.float64), torch.tensor([[1.0, -1.0], [-1.0, -1.0]],
+                                                                                          dtype=torch.float64))
+
+
+def _known(k: int) -> bool:
+    return k in _stored_matrices() or _paley_prime(k) is not None
+
+
+@functools.cache
+def base_matrix(k: int) -> torch.Tensor:
+    """The Hadamard matrix of base order k (+-1 entries, float64): stored, or Paley's."""
+    stored = _stored_matrices()
+    return stored[k] if k in stored else _checked(_paley(k), k)
 
 
 def factor(n: int) -> tuple[int, int] | None:
-    """(K, 2^m) with n = K * 2^m and K = 1 or a base order; None when unsupported."""
+    """(K, 2^m) with n = K * 2^m and K = 1 or the smallest known base order; None when unsupported."""
     if n < 1:
         return None
     p = n & -n   # largest power of two dividing n
-    k = n // p
-    if k == 1:
+    if p == n:
         return 1, p
-    for base in BASE_ORDERS:   # K itself may carry powers of two (12 = 3 * 4)
-        if n % base == 0 and (n // base) & (n // base - 1) == 0:
-            return base, n // base
+    k = (n // p) * 4   # a Hadamard order above 2 is a multiple of 4
+    while n % k == 0:
+        if _known(k):
+            return k, n // k
+        k *= 2
     return None
 
 
@@ -61,7 +109,8 @@ def supported(n: int) -> bool:
 def _check(n: int) -> tuple[int, int]:
     f = factor(n)
     if f is None:
-        raise ValueError(f"no Hadamard matrix of order {n}: supported are 2^m and K*2^m for K in {BASE_ORDERS}")
+        raise ValueError(f"no Hadamard matrix of order {n}: supported are 2^m and K*2^m for K in {BASE_ORDERS} "
+                         "or a Paley order (q + 1 or 2(q + 1) for a prime q)")
     return f
 
 
@@ -75,7 +124,7 @@ def _sylvester(p: int) -> torch.Tensor:
 def hadamard_matrix(n: int) -> torch.Tensor:
     """Dense H_n (entries +-1, float64): the reference the fast transform is tested against."""
     k, p = _check(n)
-    base = _base_matrices()[k] if k > 1 else torch.ones(1, 1, dtype=torch.float64)
+    base = base_matrix(k) if k > 1 else torch.ones(1, 1, dtype=torch.float64)
     return torch.kron(base, _sylvester(p))
 
 
@@ -106,7 +155,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         h *= 2
     y = y.reshape(-1, k, p)
     if k > 1:      # (x @ (A kron B))[a, b] = sum_a' A[a', a] (x B)[a', b]
-        y = torch.einsum("ca,rcb->rab", _base_matrices()[k].to(y.device, y.dtype), y)
+        y = torch.einsum("ca,rcb->rab", base_matrix(k).to(y.device, y.dtype), y)
     return (y / math.sqrt(n)).reshape(*lead, n)
 
 
@@ -123,7 +172,7 @@ def kron_hadamard(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     rotation starts (float64)."""
     p, q = kron_split(n)
     k, _ = _check(n)
-    base = _base_matrices()[k] if k > 1 else torch.ones(1, 1, dtype=torch.float64)
+    base = base_matrix(k) if k > 1 else torch.ones(1, 1, dtype=torch.float64)
     return torch.kron(base, _sylvester(p // k)) / math.sqrt(p), _sylvester(q) / math.sqrt(q)
 
 

@@ -66,7 +66,8 @@ class _Calibrate(OnDemand):
     accumulates H from the linear's actual input, calls `quantize(node, w, h) -> w_hat`, and
     continues with w_hat (sequential) or the original weight. Values (weights on disk included:
     they are read when their node runs) are freed after their last use, and the walk stops after
-    the last linear, so memory holds about one layer's tensors."""
+    the last linear, so memory holds about one layer's tensors. Linears reading the same input
+    (q, k and v; gate and up) share one H, kept until the last of them is quantized."""
 
     class Done(Exception):
         pass
@@ -74,6 +75,7 @@ class _Calibrate(OnDemand):
     def __init__(self, ir, targets, quantize, sequential):
         super().__init__(ir)
         self.targets, self.quantize, self.sequential = set(targets), quantize, sequential
+        self.hessians = {}   # input node -> H, while a target reading it is still to come
 
     def run_node(self, n):
         if n not in self.targets:
@@ -81,10 +83,14 @@ class _Calibrate(OnDemand):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        flat = x.reshape(-1, x.shape[-1]).double()
-        h = 2 * flat.T @ flat / flat.shape[0]
+        h = self.hessians.get(n.args[0])
+        if h is None:
+            flat = x.reshape(-1, x.shape[-1]).double()
+            h = self.hessians[n.args[0]] = 2 * flat.T @ flat / flat.shape[0]
         w_hat = self.quantize(n, w, h).to(w.dtype)
         self.targets.discard(n)
+        if not any(u in self.targets for u in n.args[0].users):
+            del self.hessians[n.args[0]]
         out = F.linear(x, w_hat if self.sequential else w, bias)
         if not self.targets:
             raise self.Done

@@ -112,7 +112,7 @@ def _base(k: int, device: str):
     """H_k transposed and zero-padded to a multiple of 16, in half: the tensor cores' operand."""
     kpad = -(-k // 16) * 16
     ht = torch.zeros(kpad, kpad, dtype=torch.float16)
-    ht[:k, :k] = had._base_matrices()[k].T.half()
+    ht[:k, :k] = had.base_matrix(k).T.half()
     return ht.to(device)
 
 

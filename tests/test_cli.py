@@ -66,6 +66,7 @@ def test_passes_lists_passes_and_recipes(capsys):
     (["eval", str(STORIES), "--text", str(TEXT), "--ctx", "x"], "--ctx: expected a whole number"),
     (["run", str(STORIES), "--prompt", "hi", "--temperature", "-1"], "--temperature: must be 0 or more"),
     (["compile", str(STORIES)], "the following arguments are required: --out"),
+    (["compile", str(STORIES), "--out", "{out}", "--max-memory", "lots"], "--max-memory: expected a size such as 8GB"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_one_line_exit_2_no_artifact(argv, match, capsys, tmp_path):
@@ -84,6 +85,12 @@ def test_bad_input_one_line_exit_2_no_artifact(argv, match, capsys, tmp_path):
     import re
     assert re.search(match, lines[0]), lines[0]
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_sizes_read_as_people_write_them():
+    from lowbit.tools.cli import _size
+    assert [_size(x) for x in ("8GB", "8g", "512MiB", "2e9", "1.5 GiB")] == [8 * 10**9, 8 * 10**9, 512 * 2**20,
+                                                                            2 * 10**9, 3 * 2**29]
 
 
 def test_existing_output_needs_force(artifact, capsys):

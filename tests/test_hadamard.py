@@ -6,9 +6,11 @@ import torch
 from lowbit.ir.hadamard import (BASE_ORDERS, factor, fwht, hadamard, hadamard_matrix, kron_hadamard, random_hadamard,
                                 random_orthogonal, rotate_kron)
 
-# every base order alone and with powers of two, and the sizes of the two real models (dense
+# every stored base order and a few of Paley's (44 = 43 + 1, 76 = 2(37 + 1), 148 = 2(73 + 1),
+# 284 = 283 + 1) alone and with powers of two, and the sizes of the two real models (dense
 # references are O(n^3): sizes stay at or under 4096)
-SIZES = [1, 2, 4, 8, 64, 1024, 4096] + [k * p for k in BASE_ORDERS for p in (1, 2, 16)] + [576, 1536]
+SIZES = [1, 2, 4, 8, 64, 1024, 4096] + [k * p for k in (*BASE_ORDERS, 44, 76, 148, 284) for p in (1, 2, 8)] \
+    + [576, 1536]
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -36,8 +38,16 @@ def test_fast_transform_is_not_a_dense_matmul():
 
 
 def test_unsupported_sizes():
-    for n in (3, 6, 44, 88, 100, 11 * 64, 25 * 16, 0):
+    for n in (3, 6, 92, 100, 0):
         assert factor(n) is None
+
+
+def test_real_widths_outside_quarots_list():
+    """Qwen2.5-0.5B's 4864, 1.5B's 8960, 3B's 11008, 7B's 18944, TinyLlama's 5632, Falcon-7B's 4544:
+    each a known base order times a power of two (the smallest such order)."""
+    assert {n: factor(n) for n in (4864, 9728, 8960, 18944, 5632, 2816, 4544)} == {
+        4864: (76, 64), 9728: (76, 128), 8960: (140, 64), 18944: (148, 128), 5632: (44, 128), 2816: (44, 64),
+        4544: (284, 16)}
     with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
         hadamard_matrix(100)
 
