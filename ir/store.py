@@ -118,11 +118,13 @@ class OnDemand(fx.Interpreter):
 class Checkpoint:
     """Finished pieces of a long pass, kept on disk so that a compile killed at any moment (kill -9
     included) resumes where it stopped: a record is a safetensors file of tensors with a JSON note
-    in its metadata, written under a temporary name and renamed, so it is whole or absent."""
+    in its metadata, written under a temporary name and renamed, so it is whole or absent. Of
+    several processes compiling together, one writes (`write`); all read."""
 
-    def __init__(self, directory: Path):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, write: bool = True):
+        self.dir, self.write = Path(directory), write
+        if write:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def _file(self, key: str) -> Path:
         return self.dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".safetensors")
@@ -139,6 +141,8 @@ class Checkpoint:
         return tensors, note
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], note: dict):
+        if not self.write:
+            return
         f = self._file(key)
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"note": json.dumps(note)})

@@ -80,6 +80,26 @@ class PassContext:
         return self.later[cls]
 
 
+def ranks() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of a compile launched by torchrun; (0, 1) alone."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the compile's processes (in place; t itself when alone)."""
+    if ranks()[1] > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+def my_share(t: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous share of the rows of t (calibration windows): all of them alone."""
+    rank, world = ranks()
+    return t.tensor_split(world)[rank] if world > 1 else t
+
+
 class PassFailure(LowbitError):
     """Raised by a pass; the manager adds which pass it was and what ran before."""
 

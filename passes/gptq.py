@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.ir.store import OnDemand
+
+from .base import all_sum, my_share
 from lowbit.ir.formats.uniform import QuantSpec, fit_groups
 
 
@@ -84,9 +86,10 @@ class _Calibrate(OnDemand):
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         h = self.hessians.get(n.args[0])
-        if h is None:
+        if h is None:   # with several processes: each holds a share of the windows, H sums them
             flat = x.reshape(-1, x.shape[-1]).double()
-            h = self.hessians[n.args[0]] = 2 * flat.T @ flat / flat.shape[0]
+            rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
+            h = self.hessians[n.args[0]] = all_sum(flat.T @ flat) * 2 / rows
         w_hat = self.quantize(n, w, h).to(w.dtype)
         self.targets.discard(n)
         if not any(u in self.targets for u in n.args[0].users):
@@ -100,7 +103,7 @@ class _Calibrate(OnDemand):
 @torch.no_grad()
 def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True):
     try:
-        _Calibrate(ir, targets, quantize, sequential).run(calib)
+        _Calibrate(ir, targets, quantize, sequential).run(my_share(calib))
     except _Calibrate.Done:
         pass
 

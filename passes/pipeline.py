@@ -14,7 +14,8 @@ from lowbit.ir.errors import LowbitError
 from lowbit.ir import meta
 from lowbit.ir.store import Checkpoint
 
-from .base import REGISTRY, Pass, PassContext, PassFailure, PassResult, config_fields, format_value, parse_value
+from .base import (REGISTRY, Pass, PassContext, PassFailure, PassResult, config_fields, format_value, parse_value,
+                   ranks)
 
 
 class PipelineError(LowbitError):
@@ -150,7 +151,8 @@ class PassManager:
         for i, entry in enumerate(self.entries):
             p = entry.make()
             ctx.later = {cls: [e for e in self.entries[i + 1:] if e.pass_cls is cls] for cls in p.reads_later}
-            ctx.checkpoint = Checkpoint(ctx.resume / f"{i + 1:02d}-{entry.pass_cls.name}") if ctx.resume else None
+            ctx.checkpoint = Checkpoint(ctx.resume / f"{i + 1:02d}-{entry.pass_cls.name}", write=ranks()[0] == 0) \
+                if ctx.resume else None
             try:
                 for inst in self.instruments:
                     inst.before(i, entry, p, ir, ctx)

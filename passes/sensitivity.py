@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .base import PassContext, PassFailure
+from .base import PassContext, PassFailure, all_sum, my_share
 
 
 def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
@@ -23,12 +23,12 @@ def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
     lins = [lin for lin in ir.linears.linears.values() if not lin.quantized]
     params = {lin.weight: ir.tensor(lin.weight).detach().float().requires_grad_() for lin in lins}
     acc = {t: torch.zeros_like(p) for t, p in params.items()}
-    seqs = ctx.calib[:samples]
+    seqs = my_share(ctx.calib[:samples])   # with several processes: a share each, the sums added
     for ids in tqdm(seqs, desc="fisher information", unit="seq", disable=not ctx.progress, leave=False):
         logits = torch.func.functional_call(ir.gm, params, (ids[None],))
         loss = F.cross_entropy(logits[0, :-1], ids[1:])
         grads = torch.autograd.grad(loss, list(params.values()))
         for t, g in zip(params, grads):
             acc[t] += g.square()
-    ir.scratch[key] = {lin.node.name: acc[lin.weight] for lin in lins}
+    ir.scratch[key] = {lin.node.name: all_sum(acc[lin.weight]) for lin in lins}
     return ir.scratch[key]

@@ -107,3 +107,18 @@ def test_killed_compile_resumes_to_the_same_artifact(tmp_path):
     assert not (tmp_path / ".resumed.resume").exists()
     stats = json.loads((tmp_path / "resumed" / "manifest.json").read_text())["passes"][0]
     assert stats["resumed_linears"] == kept and stats["linears"] == 12 * 7
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    """torchrun with two processes on the CPU (gloo): each calibrates on half of the windows and the
+    Hessians are summed; the artifact equals the one-process artifact (here bit for bit: H differs
+    at most by the order of a float sum, which flips no rounding on this model)."""
+    calib = need_data("tinyshakespeare", "input.txt")
+    tiny_hf_dir(tmp_path / "m", "llama", torch.bfloat16)
+    api.compile(str(tmp_path / "m"), "w4-gptq", calib=calib, out=tmp_path / "one", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                           "lowbit.tools.cli", "compile", str(tmp_path / "m"), "--recipe", "w4-gptq", "--calib",
+                           str(calib), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _same(tmp_path / "one", tmp_path / "two")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
@@ -79,7 +80,11 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     A model larger than `max_memory` allows (see `load`) compiles with its tensors on disk: read
     when a pass needs them, and what passes write moves to spill files past a quarter of the
     budget. With `out`, finished pieces of long passes are kept beside it (`.NAME.resume`) until
-    the artifact is written: the same command after an interruption resumes from them."""
+    the artifact is written: the same command after an interruption resumes from them.
+
+    Launched by torchrun (`torchrun --nproc-per-node N -m lowbit.tools.cli compile ...`), the
+    processes split the calibration windows: Hessians and Fisher sums are added over them, every
+    process then quantizes alike, and the first writes the artifact."""
     from lowbit.ir.artifact import check_output_dir, is_artifact, point_at, read_manifest, save_artifact
     from lowbit.ir.load import sha256_files
     from lowbit.passes import PassContext, PassManager
@@ -93,6 +98,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     text, recipe = pipeline_text(recipe, passes)
     done = read_manifest(model).get("pipeline_entries", []) if is_artifact(model) else []
     pm = PassManager(text, done=done)   # parsed and checked before the (slow) load: typos fail fast
+    rank = _join_ranks()
     torch.manual_seed(seed)
     ir = load(model, tokenizer, max_memory)
     calib_info, calib_win = None, None
@@ -105,7 +111,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
         weakref.finalize(ir, shutil.rmtree, spill, True)
     resume = _resume_dir(Path(out), {"source": ir.info.source_hash, "pipeline": text, "done": done, "seed": seed,
                                      "calibration": calib_info and calib_info["sha256"],
-                                     "lowbit": package_version("lowbit")}) if out is not None else None
+                                     "lowbit": package_version("lowbit")}, rank) if out is not None else None
     timing = Timing()
     pm.instruments = [timing] + ([Provenance()] if provenance else []) + ([DumpIR(dump_ir)] if dump_ir else []) \
         + ([Verify()] if verify else [])
@@ -120,7 +126,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "compile_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                 "storage": {k: v for k, v in storage(ir).items() if k != "linears"}}
-    if out is not None:
+    if out is not None and rank == 0:
         save_artifact(ir, Path(out), manifest, force=force)
         point_at(ir, Path(out))
         shutil.rmtree(resume, ignore_errors=True)
@@ -128,18 +134,31 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     return Compiled(ir, manifest, timing.seconds, Path(out) if out is not None else None)
 
 
-def _resume_dir(out: Path, key: dict) -> Path:
+def _join_ranks() -> int:
+    """This process's rank; under torchrun (WORLD_SIZE > 1), joins the process group first (NCCL
+    where there is a GPU, gloo otherwise)."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _resume_dir(out: Path, key: dict, rank: int = 0) -> Path:
     """Where a compile into `out` keeps finished pieces; what an earlier compile with other inputs
-    left there is discarded."""
+    left there is discarded (by rank 0, while the others wait)."""
     d = out.parent / f".{out.name}.resume"
     key_file = d / "key.json"
-    if d.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
-        log.info("discarding %s: left by a compile with other inputs", d)
-        shutil.rmtree(d)
-    if d.exists():
-        log.info("resuming from %s", d)
-    d.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps(key))
+    if rank == 0:
+        if d.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
+            log.info("discarding %s: left by a compile with other inputs", d)
+            shutil.rmtree(d)
+        if d.exists():
+            log.info("resuming from %s", d)
+        d.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(json.dumps(key))
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
     return d
 
 
