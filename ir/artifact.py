@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from . import formats, hadamard, meta, quant  # noqa: F401  (they register the lowbit ops graphs call)
 from .errors import LowbitError
 from .graph import IR, ModelInfo
-from .store import Stored
+from .store import Stored, unshared
 
 FORMAT = "lowbit-artifact/1"
 
@@ -289,16 +289,18 @@ SHARD_BYTES = 2 << 30
 
 def save_tensors(ir: IR, directory: Path, shard_bytes: int = SHARD_BYTES):
     """Every tensor the graph reads into weights*.safetensors, a shard at a time: tensors on disk
-    are read as they come, so memory holds one shard."""
+    are read as they come, so memory holds one shard (of at most the spill budget, if any)."""
+    if ir.spill is not None:
+        shard_bytes = min(shard_bytes, ir.spill.budget)
     shard, size, i = {}, 0, 0
     for name, t in ir.referenced_tensors():
-        shard[name] = t.contiguous().clone()   # clone: safetensors refuses shared storage (tied weights)
+        shard[name] = t
         size += t.numel() * t.element_size()
         if size >= shard_bytes:
-            save_file(shard, directory / _shard_name(i))
+            save_file(unshared(shard), directory / _shard_name(i))
             shard, size, i = {}, 0, i + 1
     if shard or i == 0:
-        save_file(shard, directory / _shard_name(i))
+        save_file(unshared(shard), directory / _shard_name(i))
 
 
 def point_at(ir: IR, path: Path):

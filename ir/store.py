@@ -28,6 +28,18 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "I64": torch.int64, "BOOL": torch.bool}
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, contiguous, those sharing storage with an earlier one copied: safetensors
+    refuses shared storage (tied weights, views), and copying only those keeps memory flat."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 @dataclass(frozen=True)
 class Stored:
     """A tensor in a safetensors file: `read()` returns it as `dtype` (a 16-bit checkpoint widens to
@@ -80,8 +92,7 @@ class Spill:
         if not self.pending:
             return
         file = str(self.dir / next(self._names))
-        # clone: safetensors refuses tensors that share storage
-        save_file({t: ir.tensor(t).clone() for t in self.pending}, file)
+        save_file(unshared({t: ir.tensor(t) for t in self.pending}), file)
         for target in list(self.pending):
             t = ir.tensor(target)
             ir.set_tensor(target, Stored(file, target, tuple(t.shape), t.dtype))
@@ -140,11 +151,13 @@ class Checkpoint:
                        for k in h.keys()}
         return tensors, note
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor], note: dict):
+    def put(self, key: str, tensors: dict[str, torch.Tensor], note: dict) -> dict[str, Stored] | None:
+        """Record a finished piece; returns its tensors as `Stored` entries of the record."""
         if not self.write:
-            return
+            return None
         f = self._file(key)
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"note": json.dumps(note)})
+        save_file(unshared(tensors), str(tmp), metadata={"note": json.dumps(note)})
         os.replace(tmp, f)
+        return {k: Stored(str(f), k, tuple(t.shape), t.dtype) for k, t in tensors.items()}
 

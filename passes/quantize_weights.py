@@ -275,7 +275,10 @@ class QuantizeWeights(Pass):
                 if ctx.checkpoint:
                     if lin.sparse:
                         written[lin.sparse[2]] = ir.tensor(lin.sparse[2])
-                    ctx.checkpoint.put(lin.weight, written, q.note())
+                    on_disk = ctx.checkpoint.put(lin.weight, written, q.note())
+                    if on_disk and ir.spill is not None:   # a model left on disk: read them from the record
+                        for name, t in on_disk.items():
+                            ir.set_tensor(name, t)
             stored[lin.node] = q
             bar.update()
             return w_hat
