@@ -127,6 +127,7 @@ def _call(g, target, *args, **kwargs):
 
 def to_decoder(ir: IR) -> IR:
     """An IR (a fork sharing this IR's tensors) whose graph is the KV-cache decoder above."""
+    ir.whole("the KV-cache decoder")
     d = ir.fork()
     atts = d.analysis.attentions
     g = d.graph

@@ -9,6 +9,13 @@ Supported sizes: n = 2^m, and n = K * 2^m where a base matrix of order K is know
 Then H_n = H_K kron H_{2^m} (Sylvester for the power of two); K is the smallest such order, and
 every base matrix is checked to satisfy H H^T = K I when made.
 
+Where no Hadamard order K divides n that way (odd part 23, 29, ...: n = 92 * 2^m, 116 * 2^m,
+...), the base is the odd part K itself with sqrt(K) times a seeded random orthogonal K x K matrix
+(seed K) in place of H_K: H_n H_n^T = n I still holds, so H_n / sqrt(n) is orthogonal and every
+user (fused rotations, the online transform, its ONNX form and CUDA kernel) works unchanged; the
+entries are no longer +-1. Online it costs K + m multiply-adds per element, as a Hadamard base
+does. Odd parts above MAX_BASE_ORDER are refused (the base product would be too dense).
+
 Conventions: rotations act on row vectors (x_rot = x @ Q); Q = H_n / sqrt(n) is orthogonal.
 `lowbit.hadamard(x)` computes x @ Q along the last dim in O(n (m + K)) operations: a butterfly
 over the 2^m factor and a K x K product for the base factor; never an n x n matmul."""
@@ -21,6 +28,7 @@ from pathlib import Path
 import torch
 
 BASE_ORDERS = (12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172)
+MAX_BASE_ORDER = 1024   # a larger base costs too much per element online
 _DATA = Path(__file__).with_name("hadamard_matrices.txt")
 
 
@@ -38,8 +46,9 @@ def _stored_matrices() -> dict[int, torch.Tensor]:
     return {k: _checked(torch.tensor(r, dtype=torch.float64), k) for k, r in out.items()}
 
 
-def _checked(h: torch.Tensor, k: int) -> torch.Tensor:
-    if h.shape != (k, k) or not torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)):
+def _checked(h: torch.Tensor, k: int, exact: bool = True) -> torch.Tensor:
+    eye = k * torch.eye(k, dtype=torch.float64)
+    if h.shape != (k, k) or not (torch.equal(h @ h.T, eye) if exact else torch.allclose(h @ h.T, eye, atol=1e-9)):
         raise RuntimeError(f"not a Hadamard matrix of order {k}")
     return h
 
@@ -82,24 +91,30 @@ def _known(k: int) -> bool:
 
 @functools.cache
 def base_matrix(k: int) -> torch.Tensor:
-    """The Hadamard matrix of base order k (+-1 entries, float64): stored, or Paley's."""
+    """The base matrix of order k (float64, B B^T = k I): a stored or Paley Hadamard matrix (+-1
+    entries), or for an odd k, sqrt(k) times a random orthogonal matrix seeded with k."""
     stored = _stored_matrices()
-    return stored[k] if k in stored else _checked(_paley(k), k)
+    if k in stored:
+        return stored[k]
+    if _paley_prime(k) is not None:
+        return _checked(_paley(k), k)
+    return _checked((random_orthogonal(k, seed=k) * math.sqrt(k)).contiguous(), k, exact=False)
 
 
 def factor(n: int) -> tuple[int, int] | None:
-    """(K, 2^m) with n = K * 2^m and K = 1 or the smallest known base order; None when unsupported."""
+    """(K, 2^m) with n = K * 2^m and K = 1, the smallest Hadamard base order, or the odd part of n
+    (the random orthogonal fallback); None when unsupported."""
     if n < 1:
         return None
     p = n & -n   # largest power of two dividing n
     if p == n:
         return 1, p
     k = (n // p) * 4   # a Hadamard order above 2 is a multiple of 4
-    while n % k == 0:
+    while n % k == 0 and k <= MAX_BASE_ORDER:
         if _known(k):
             return k, n // k
         k *= 2
-    return None
+    return (n // p, p) if n // p <= MAX_BASE_ORDER else None
 
 
 def supported(n: int) -> bool:
@@ -109,8 +124,7 @@ def supported(n: int) -> bool:
 def _check(n: int) -> tuple[int, int]:
     f = factor(n)
     if f is None:
-        raise ValueError(f"no Hadamard matrix of order {n}: supported are 2^m and K*2^m for K in {BASE_ORDERS} "
-                         "or a Paley order (q + 1 or 2(q + 1) for a prime q)")
+        raise ValueError(f"no Hadamard transform of order {n}: its odd part is above {MAX_BASE_ORDER}")
     return f
 
 
@@ -122,7 +136,8 @@ def _sylvester(p: int) -> torch.Tensor:
 
 
 def hadamard_matrix(n: int) -> torch.Tensor:
-    """Dense H_n (entries +-1, float64): the reference the fast transform is tested against."""
+    """Dense H_n (float64, H_n H_n^T = n I; entries +-1 unless the base is the orthogonal fallback):
+    the reference the fast transform is tested against."""
     k, p = _check(n)
     base = base_matrix(k) if k > 1 else torch.ones(1, 1, dtype=torch.float64)
     return torch.kron(base, _sylvester(p))

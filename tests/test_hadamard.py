@@ -38,8 +38,20 @@ def test_fast_transform_is_not_a_dense_matmul():
 
 
 def test_unsupported_sizes():
-    for n in (3, 6, 92, 100, 0):
+    for n in (1031, 1031 * 64, 0):   # odd part above MAX_BASE_ORDER
         assert factor(n) is None
+
+
+@pytest.mark.parametrize("n", [3, 6, 92, 116, 232])
+def test_orthogonal_fallback_where_no_hadamard_exists(n):
+    """No Hadamard order divides these with a power-of-two quotient: the base is the odd part,
+    a scaled random orthogonal matrix; H_n / sqrt(n) stays orthogonal and fast."""
+    k, p = factor(n)
+    assert k * p == n and k % 2 == 1
+    h = hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, n * torch.eye(n, dtype=torch.float64), atol=1e-8)
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ h / math.sqrt(n), atol=1e-10)
 
 
 def test_real_widths_outside_quarots_list():
@@ -48,8 +60,8 @@ def test_real_widths_outside_quarots_list():
     assert {n: factor(n) for n in (4864, 9728, 8960, 18944, 5632, 2816, 4544)} == {
         4864: (76, 64), 9728: (76, 128), 8960: (140, 64), 18944: (148, 128), 5632: (44, 128), 2816: (44, 64),
         4544: (284, 16)}
-    with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
-        hadamard_matrix(100)
+    with pytest.raises(ValueError, match="no Hadamard transform of order 1031: its odd part is above 1024"):
+        hadamard_matrix(1031)
 
 
 @pytest.mark.parametrize("make", [random_hadamard, random_orthogonal])

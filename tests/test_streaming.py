@@ -49,6 +49,13 @@ def test_weights_stay_on_disk_until_read(bf16_dir):
     assert torch.equal(lazy(x), whole(x))   # node by node, each weight read when used
 
 
+def test_evaluation_streams_too(bf16_dir):
+    text = need_data("tinyshakespeare", "input.txt")
+    whole = api.evaluate(str(bf16_dir), text, ctx=64, max_tokens=1024, progress=False)
+    streamed = api.evaluate(str(bf16_dir), text, ctx=64, max_tokens=1024, progress=False, max_memory=1000)
+    assert streamed["ppl"] == whole["ppl"] and whole["tokens"] > 0
+
+
 @pytest.mark.parametrize("family,recipe", [("llama", "w4-rtn"), ("llama", "w4-gptq"), ("llama", "quarot-w4-gptq"),
                                            ("gpt2", "w4-gptq"), ("qwen2", "w4a8kv8")])
 def test_streamed_compile_equals_whole(tmp_path, family, recipe):
