@@ -6,6 +6,8 @@ a lowbit artifact directory. Nothing is unpickled: safetensors, GGUF and raw flo
 (Names such as the default model's are resolved to paths by lowbit.tools.defaults.)"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import os
@@ -202,6 +204,17 @@ def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str 
     return ir
 
 
+def _unmap_freed_blocks():
+    """glibc keeps freed blocks below its dynamic mmap threshold (which grows up to 32 MiB) in the
+    heap, where fragmentation keeps them resident: with weights streaming through, resident
+    memory then grows with the model (2.1 GB for a 1.1B RTN compile against 1.0 GB with this). Blocks
+    of 1 MiB and more are mapped, and unmapped when freed, instead."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):   # not glibc
+        pass
+
+
 def default_max_memory() -> int:
     """Half of this machine's physical memory, in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
@@ -234,7 +247,8 @@ def load(spec, tokenizer: str | None = None, name: str | None = None, source_has
                 ir.materialize()
                 _check_finite(ir.gm, name or path)
             else:
-                log.info("%.1f GB of weights in float32: kept on disk, read block by block", ir.nbytes() / 1e9)
+                log.info("%.1f GB of weights in float32: kept on disk, read as passes need them", ir.nbytes() / 1e9)
+                _unmap_freed_blocks()
     if ir is None:
         from .capture import capture
         model, tok, info = load_model(spec, tokenizer, name, source_hash)
