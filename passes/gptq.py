@@ -44,8 +44,8 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     h[dead, dead] = 1
     w[:, dead] = 0
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    w, h = w[:, perm], h[perm[:, None], perm]
+    h.diagonal().add_(damp * torch.diagonal(h).mean())   # in place: no second K x K matrix
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros(n, k, dtype=torch.int32)
     for i1 in range(0, k, block):

@@ -106,7 +106,9 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
         calib_win = windows(ir.tokenizer.encode(read_text(calib)), min(512, ir.info.max_ctx), 128 * 512)
         calib_info = {"path": str(calib), "sha256": sha256_files([calib]), "windows": len(calib_win)}
     if ir.stored:
-        spill = Path(tempfile.mkdtemp(prefix="lowbit-spill-", dir=Path(out).parent if out else cache_dir()))
+        beside = Path(out).parent if out else cache_dir()
+        beside.mkdir(parents=True, exist_ok=True)
+        spill = Path(tempfile.mkdtemp(prefix="lowbit-spill-", dir=beside))
         ir.spill = Spill(spill, (max_memory or default_max_memory()) // 4)
         weakref.finalize(ir, shutil.rmtree, spill, True)
     resume = _resume_dir(Path(out), {"source": ir.info.source_hash, "pipeline": text, "done": done, "seed": seed,
