@@ -140,6 +140,9 @@ class Checkpoint:
     def _file(self, key: str) -> Path:
         return self.dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".safetensors")
 
+    def has(self, key: str) -> bool:
+        return self._file(key).exists()
+
     def get(self, key: str) -> tuple[dict[str, Stored], dict] | None:
         """(tensors left on disk, note) of a finished piece, or None."""
         f = self._file(key)

@@ -74,9 +74,10 @@ class _Calibrate(OnDemand):
     class Done(Exception):
         pass
 
-    def __init__(self, ir, targets, quantize, sequential):
+    def __init__(self, ir, targets, quantize, sequential, known=()):
         super().__init__(ir)
         self.targets, self.quantize, self.sequential = set(targets), quantize, sequential
+        self.known = set(known)   # targets already quantized (a resumed compile): no H for them
         self.hessians = {}   # input node -> H, while a target reading it is still to come
 
     def run_node(self, n):
@@ -86,14 +87,14 @@ class _Calibrate(OnDemand):
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         h = self.hessians.get(n.args[0])
-        if h is None:   # with several processes: each holds a share of the windows, H sums them
+        if h is None and n not in self.known:   # with several processes: each holds a share of the windows, H sums them
             flat = x.reshape(-1, x.shape[-1]).double()
             rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
             h = self.hessians[n.args[0]] = all_sum(flat.T @ flat) * 2 / rows
         w_hat = self.quantize(n, w, h).to(w.dtype)
         self.targets.discard(n)
         if not any(u in self.targets for u in n.args[0].users):
-            del self.hessians[n.args[0]]
+            self.hessians.pop(n.args[0], None)
         out = F.linear(x, w_hat if self.sequential else w, bias)
         if not self.targets:
             raise self.Done
@@ -101,9 +102,11 @@ class _Calibrate(OnDemand):
 
 
 @torch.no_grad()
-def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True):
+def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True, known=()):
+    """Walk the calibration batch, calling quantize(node, W, H) at each target (H None for the
+    `known` ones, whose result exists already), and continue with what it returns."""
     try:
-        _Calibrate(ir, targets, quantize, sequential).run(my_share(calib))
+        _Calibrate(ir, targets, quantize, sequential, known).run(my_share(calib))
     except _Calibrate.Done:
         pass
 

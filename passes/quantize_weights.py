@@ -16,7 +16,7 @@ from lowbit.ir.formats import FORMATS, Packed, WeightFormat, lut, uniform
 from lowbit.ir.formats.sparse import csr_rows
 from lowbit.ir.formats.uniform import QuantSpec
 
-from .base import Lossy, Pass, PassContext, PassFailure, PassResult, register
+from .base import Lossy, Pass, PassContext, PassFailure, PassResult, ranks, register
 from .gptq import calibrate_and_quantize, gptq, gptq_columns
 from .instruments import sqnr_db
 from .sensitivity import fisher
@@ -285,8 +285,12 @@ class QuantizeWeights(Pass):
 
         if scheme.hessian:
             by_node = {lin.node: lin for lin in todo}
+            if ranks()[1] > 1:   # every process sees the same finished records before any is written
+                import torch.distributed as dist
+                dist.barrier()
+            known = [lin.node for lin in todo if ctx.checkpoint and ctx.checkpoint.has(lin.weight)]
             calibrate_and_quantize(ir, list(by_node), ctx.calib[: c.samples],
-                                   lambda node, w, h: store(by_node[node], h), c.sequential)
+                                   lambda node, w, h: store(by_node[node], h), c.sequential, known)
         else:
             for lin in todo:
                 store(lin)

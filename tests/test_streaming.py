@@ -129,6 +129,7 @@ def test_two_processes_agree_with_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                            "lowbit.tools.cli", "compile", str(tmp_path / "m"), "--recipe", "w4-gptq", "--calib",
-                           str(calib), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+                           str(calib), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                          start_new_session=True)   # torchrun signals its process group when it ends
     assert done.returncode == 0, done.stderr[-2000:]
     assert _same(tmp_path / "one", tmp_path / "two")
