@@ -129,7 +129,7 @@ class IR:
 
     def nbytes(self) -> int:
         """Bytes of every tensor the graph reads, on disk or in memory."""
-        return sum(self.placeholder(t).numel() * self.placeholder(t).element_size() for t in self.tensor_targets())
+        return sum(t.numel() * t.element_size() for t in map(self.placeholder, self.tensor_targets()))
 
     def whole(self, what: str):
         """Every tensor in memory, for work that needs the whole model at once (gradients through

@@ -88,6 +88,12 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def _model_info(cfg, name: str, source_hash: str | None, files) -> ModelInfo:
+    return ModelInfo(family=cfg.model_type, vocab_size=cfg.vocab_size,
+                     max_ctx=int(getattr(cfg, "max_position_embeddings", 2048)),
+                     source=name, source_hash=source_hash or sha256_files(files))
+
+
 def load_model(spec, tokenizer: str | None = None, name: str | None = None, source_hash: str | None = None):
     """-> (model, tokenizer, ModelInfo) for a checkpoint path; `name` and `source_hash`, when
     given, are what the ModelInfo records instead of the path and the files' hash."""
@@ -125,14 +131,11 @@ def load_model(spec, tokenizer: str | None = None, name: str | None = None, sour
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LowbitError(f"could not load {name}: {first}") from e
     _check_finite(model, name)
-    cfg = model.config
-    info = ModelInfo(family=cfg.model_type, vocab_size=cfg.vocab_size,
-                     max_ctx=int(getattr(cfg, "max_position_embeddings", 2048)),
-                     source=name, source_hash=source_hash or sha256_files(files))
-    return model.eval(), tok, info
+    return model.eval(), tok, _model_info(model.config, name, source_hash, files)
 
 
-def _checkpoint_keys(files) -> dict[str, tuple[str, tuple[int, ...]]]:
+def checkpoint_keys(files) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (file, shape)} of every tensor in safetensors files, read from their headers."""
     keys = {}
     for f in files:
         with safe_open(f, framework="pt") as h:
@@ -154,7 +157,7 @@ def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str 
     from .capture import TRANSPOSED, capture
     _quiet_transformers()
     files = sorted(path.glob("*.safetensors"))
-    keys = _checkpoint_keys(files)
+    keys = checkpoint_keys(files)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
     model.tie_weights()   # from_pretrained ties them; from_config leaves them apart
@@ -182,10 +185,7 @@ def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str 
                         fakes[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
                 mod._parameters[k] = fakes[id(p)]
     del originals
-    cfg = model.config
-    info = ModelInfo(family=cfg.model_type, vocab_size=cfg.vocab_size,
-                     max_ctx=int(getattr(cfg, "max_position_embeddings", 2048)),
-                     source=name, source_hash=source_hash or sha256_files(files + [path / "config.json"]))
+    info = _model_info(model.config, name, source_hash, files + [path / "config.json"])
     ir = capture(model, info, HFTokenizer(AutoTokenizer.from_pretrained(tokenizer or path)), fake_mode=fm)
     transposed = ir.gm.meta.get(TRANSPOSED, set())
     for target, t in [*ir.gm.named_parameters(remove_duplicate=False), *ir.gm.named_buffers(remove_duplicate=False)]:

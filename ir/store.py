@@ -59,10 +59,6 @@ class Stored:
     def placeholder(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
-    @property
-    def nbytes(self) -> int:
-        return self.placeholder().numel() * self.dtype.itemsize
-
 
 class Spill:
     """Where the tensors passes write go once more than `budget` bytes of them are in memory: a

@@ -8,6 +8,7 @@ row is kept in OUT/rows/ under a key of what it depends on, so an interrupted ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lowbit.ir.errors import LowbitError
+from lowbit.ir.load import checkpoint_keys
 
 # name -> (hidden, intermediate, layers, heads, kv heads): the bodies of SmolLM2-135M, TinyLlama-1.1B,
 # Llama-3.2-3B and Llama-2-7B (the vocabulary is the default model's tokenizer's, 49152)
@@ -97,7 +99,7 @@ def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", 
             log(f"{shape}: writing a random bf16 checkpoint")
             write_checkpoint(ckpt, shape)
         cfg = json.loads((ckpt / "config.json").read_text())
-        params = sum(_numel(f) for f in ckpt.glob("*.safetensors"))
+        params = sum(math.prod(shape) for _, shape in checkpoint_keys(sorted(ckpt.glob("*.safetensors"))).values())
         for method in methods:
             pipeline = METHODS[method] % samples if "%d" in METHODS[method] else METHODS[method]
             key = {"shape": shape, "pipeline": pipeline, "max_memory": max_memory, "calib": calib}
@@ -118,18 +120,6 @@ def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", 
     (out / "scale.json").write_text(json.dumps(rep, indent=1))
     (out / "scale.md").write_text(scale_table(rep))
     return rep
-
-
-def _numel(f: Path) -> int:
-    from safetensors import safe_open
-    n = 0
-    with safe_open(f, framework="pt") as h:
-        for k in h.keys():
-            c = 1
-            for d in h.get_slice(k).get_shape():
-                c *= d
-            n += c
-    return n
 
 
 def scale_table(rep: dict) -> str:
