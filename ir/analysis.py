@@ -60,7 +60,8 @@ class Norm:
     consumers: list[Linear] = field(default_factory=list)  # linears reading output (maybe through lowbit.quantize_tokens)
     other_users: list[fx.Node] = field(default_factory=list)
     bias: str | None = None   # get_attr target of a LayerNorm's shift
-    kind: str = "rms"         # "rms": x / rms(x); "layer": (x - mean(x)) / std(x) (aten.layer_norm)
+    kind: str = "rms"         # "rms": x / rms(x); "layer": (x - mean(x)) / std(x) (aten.layer_norm);
+                              # "none": no pre-norm, the block reads the stream value itself
 
     @property
     def name(self) -> str:
@@ -77,11 +78,11 @@ class Attention:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    rope_q: fx.Node | None    # node producing whole-head q after RoPE
+    rope_q: fx.Node | None    # node producing whole-head q after RoPE (without RoPE: q in heads)
     rope_k: fx.Node | None
     q_norm: Norm | None
     k_norm: Norm | None
-    v_rows: tuple[int, int]   # rows of v's weight that produce the values (a slice when fused)
+    v_rows: torch.Tensor      # rows of v's weight that produce the values, head by head (a part of a fused qkv)
 
     @property
     def fused_qkv(self) -> bool:
@@ -102,11 +103,12 @@ class MLP:
 
 @dataclass
 class Block:
-    """One residual branch: stream -> norm -> (attention | mlp) -> add back into the stream."""
+    """One residual branch: stream -> norm -> (attention | mlp) [-> post-norm] -> add back into the stream."""
     norm: Norm
     add: fx.Node
     attention: Attention | None = None
     mlp: MLP | None = None
+    post_norm: Norm | None = None   # a norm on the branch's output before the add (Gemma3, OLMo2)
 
 
 @dataclass
@@ -215,6 +217,7 @@ class _Graph:
 
     def __init__(self, g: fx.Graph):
         self.g = nx.DiGraph()
+        self.order = {n: i for i, n in enumerate(g.nodes)}
         for n in g.nodes:
             self.g.add_node(n)
             for inp in n.all_input_nodes:
@@ -299,19 +302,24 @@ def find_norms(ir, linears: dict[str, Linear], strict: bool = False) -> list[Nor
             if strict:
                 raise
     for norm in norms:
-        for u in norm.output.users:
-            # looked through between a norm and its linears: an activation quantizer, and a view that
-            # keeps the last dim (it regroups rows; a per-channel scale or rotation commutes with it)
-            through = _is(u, quant.quantize_tokens._opoverload) or (
-                _is(u, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-                and (_shape(u) or (None,))[-1] == (_shape(norm.output) or (0,))[-1])
-            readers = list(u.users) if through else [u]
-            for r in readers:
-                if r.name in linears and r.args[0] in (norm.output, u):
-                    norm.consumers.append(linears[r.name])
-                else:
-                    norm.other_users.append(r)
+        _find_readers(norm, linears)
     return norms
+
+
+def _find_readers(norm: Norm, linears: dict[str, Linear]):
+    """The linears reading a norm's output (its consumers), and every other user."""
+    for u in norm.output.users:
+        # looked through between a norm and its linears: an activation quantizer, and a view that
+        # keeps the last dim (it regroups rows; a per-channel scale or rotation commutes with it)
+        through = _is(u, quant.quantize_tokens._opoverload) or (
+            _is(u, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+            and (_shape(u) or (None,))[-1] == (_shape(norm.output) or (0,))[-1])
+        readers = list(u.users) if through else [u]
+        for r in readers:
+            if r.name in linears and r.args[0] in (norm.output, u):
+                norm.consumers.append(linears[r.name])
+            else:
+                norm.other_users.append(r)
 
 
 def analyze(ir) -> Structure:
@@ -340,12 +348,15 @@ def analyze(ir) -> Structure:
         add = adds[0]
         branch_out = add.args[1] if add.args[0] is cur else add.args[0]
         pre = norm_by_input.get(cur, [])
+        if not pre:   # no pre-norm (OLMo2): the branches' linears read the stream itself
+            pre = [Norm(cur, cur, cur, None, 0.0, 0.0, kind="none")]
+            _find_readers(pre[0], linears)
         for part in _branches(branch_out, cur, G):   # one, or several summed in parallel (GPT-NeoX, Falcon)
             norm = [n for n in pre if G.depends(part, n.output)]
             if len(norm) != 1:
                 raise StructureError(cur, f"one pre-norm reading the residual stream before '{add.name}', "
                                           f"found {len(norm)}")
-            blocks.append(_block(norm[0], add, part, G, linears, norms))
+            blocks.append(_block(ir, norm[0], add, part, G, linears, norms))
         cur = add
         stream.append(cur)
     final = norm_by_input.get(cur, [])
@@ -407,14 +418,16 @@ def _one_linear(G, start, linears, what) -> Linear:
 
 
 def _rope(G, lin: Linear, end: fx.Node, head_dim: int) -> fx.Node | None:
-    """Where RoPE has been applied: the last `add` between a projection and the attention input
+    """Where q or k is whole heads after RoPE (R3's place): the last `add` between a projection and the attention input
     whose ancestors contain rotate_half (neg -> cat), followed forward to the first node holding
     whole heads (partial rotary concatenates the unrotated part after it)."""
     between = nx.descendants(G.g, lin.node) & (nx.ancestors(G.g, end) | {end})
     ropes = [n for n in between if _is(n, aten.add.Tensor)
              and any(_is(a, aten.neg.default) for a in nx.ancestors(G.g, n) & between)]
-    if not ropes:
-        return None
+    if not ropes:   # no RoPE (learned positions, ALiBi): the first [batch, heads, seq, head_dim] value
+        heads = [n for n in sorted(between, key=G.order.get) if len(sh := _shape(n) or ()) == 4
+                 and sh[-1] == head_dim and isinstance(sh[1], int) and not isinstance(sh[2], int)]
+        return heads[0] if heads else None
     cur = max(ropes, key=lambda n: n.meta.get(meta.HANDLE, 0))
     while (_shape(cur) or (0,))[-1] != head_dim:
         nxt = [u for u in cur.users if u in between]
@@ -424,17 +437,18 @@ def _rope(G, lin: Linear, end: fx.Node, head_dim: int) -> fx.Node | None:
     return cur
 
 
-def _block(norm, add, branch_out, G, linears, norms) -> Block:
+def _block(ir, norm, add, branch_out, G, linears, norms) -> Block:
     inside = nx.descendants(G.g, norm.output) & nx.ancestors(G.g, branch_out)
     sdpas = [n for n in inside if _is(n, aten.scaled_dot_product_attention.default)]
     if len(sdpas) > 1:
         raise StructureError(add, "at most one attention inside a residual branch")
+    post = next((n for n in norms if n.output is branch_out), None)
     if sdpas:
-        return Block(norm, add, attention=_attention(sdpas[0], G, linears, norms))
-    return Block(norm, add, mlp=_mlp(norm, branch_out, G, linears))
+        return Block(norm, add, attention=_attention(ir, sdpas[0], G, linears, norms), post_norm=post)
+    return Block(norm, add, mlp=_mlp(norm, branch_out, G, linears), post_norm=post)
 
 
-def _attention(sdpa, G, linears, norms) -> Attention:
+def _attention(ir, sdpa, G, linears, norms) -> Attention:
     q_in, k_in, v_in = sdpa.args[:3]
     q, k, v = (_one_linear(G, x, linears, w) for x, w in ((q_in, "q"), (k_in, "k"), (v_in, "v")))
     outs = G.nearest(sdpa, True, lambda m: m.name in linears)
@@ -444,41 +458,64 @@ def _attention(sdpa, G, linears, norms) -> Attention:
     if not qs or len(qs) != 4:
         raise StructureError(q_in, "a [batch, heads, seq, head_dim] query")
     n_heads, head_dim = int(qs[1]), int(qs[3])
-    k_rows, v_rows = _rows(G, k, k_in), _rows(G, v, v_in)
-    if k.node is v.node and k_rows == v_rows:   # one fused output, split after a reshape to heads
-        raise StructureError(k.node, "a fused qkv projection split into q/k/v by slices of its last dim "
-                                     "(a per-head interleaved layout is not read yet)")
-    width = k_rows[1] - k_rows[0]
-    if width % head_dim:
-        raise StructureError(k.node, f"a key width ({width}) divisible by head_dim ({head_dim})")
-
+    k_rows, v_rows = _head_rows(ir, G, k, k_in, head_dim), _head_rows(ir, G, v, v_in, head_dim)
+    if len(k_rows) != len(v_rows) or len(v_rows) % head_dim:
+        raise StructureError(k.node, f"keys and values of whole heads (head_dim {head_dim}), found "
+                                     f"{len(k_rows)} and {len(v_rows)} rows")
     def qk_norm(lin, end):
         return next((nm for nm in norms if G.depends(nm.input, lin.node) and G.depends(end, nm.output)), None)
 
-    return Attention(sdpa, q, k, v, linears[outs[0].name], n_heads, width // head_dim, head_dim,
+    return Attention(sdpa, q, k, v, linears[outs[0].name], n_heads, len(v_rows) // head_dim, head_dim,
                      _rope(G, q, q_in, head_dim), _rope(G, k, k_in, head_dim), qk_norm(q, q_in), qk_norm(k, k_in),
                      v_rows)
 
 
-def _rows(G, lin: Linear, end: fx.Node) -> tuple[int, int]:
-    """Output rows of `lin` that reach `end`: all of them, or one slice of a fused projection (a
-    slice of its last dim, or one piece of an equal split of it, GPT-2's)."""
-    last = (-1, len(_shape(lin.node) or ()) - 1)
-    users = list(lin.node.users)
-    if len(users) == 1 and _is(users[0], aten.split.Tensor) and (users[0].args[2] if len(users[0].args) > 2 else 0) in last:
-        size = int(users[0].args[1])
-        piece = [g for g in users[0].users if _is(g, operator.getitem) and G.depends(end, g)]
-        if len(piece) != 1:
-            raise StructureError(users[0], "one piece of the split projection reaching the attention input")
-        return piece[0].args[1] * size, min((piece[0].args[1] + 1) * size, lin.out_features)
-    if len(users) == 1:
-        return 0, lin.out_features
-    on_path = [u for u in lin.node.users if G.depends(end, u)]
-    sl = on_path[0] if len(on_path) == 1 else None
-    if sl is None or not _is(sl, aten.slice.Tensor) or sl.args[1] not in (-1, len(_shape(lin.node)) - 1):
-        raise StructureError(lin.node, "a fused projection split into q/k/v by slices of its last dim")
-    start, stop = sl.args[2], sl.args[3] if len(sl.args) > 3 else lin.out_features
-    return int(start), int(min(stop, lin.out_features))
+# ops that only move values around: what carries row indices from a projection to its heads
+LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+              aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+              aten.broadcast_to.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
+              aten.split_with_sizes.default, aten.chunk.default, aten.flatten.using_ints, aten.index.Tensor,
+              aten.clone.default, aten.contiguous.default, aten.lift_fresh_copy.default, operator.getitem}
+
+
+def _head_rows(ir, G, lin: Linear, end: fx.Node, head_dim: int) -> torch.Tensor:
+    """The output rows of `lin` that reach `end` as whole heads, head by head: the row numbers
+    themselves are carried through the layout ops between them (views, transposes, slices, splits,
+    chunks, index selects and broadcasts; batch and sequence of size 1), so a fused projection in
+    any layout (blocks of q, k and v; GPT-2's split; q/k/v interleaved per head, GPT-NeoX's and
+    Falcon's) reads the same. Where other ops begin (RoPE on the keys), the last value holding
+    whole heads counts; where they begin before any (a norm over all of k), an unfused projection
+    gives all its rows. A head repeated for grouped queries counts once."""
+    between = (nx.descendants(G.g, lin.node) & nx.ancestors(G.g, end)) | {end}
+    shape = [d if isinstance(d, int) else 1 for d in _shape(lin.node) or (lin.out_features,)]
+    vals = {lin.node: torch.arange(shape[-1]).expand(shape)}
+
+    def value(a):
+        if a in vals:
+            return vals[a]
+        if isinstance(a.meta.get("val"), torch.SymInt):
+            return 1
+        if a.op == "get_attr":
+            return ir.tensor(a.target)
+        if a.target is aten.lift_fresh_copy.default:
+            return value(a.args[0])
+        raise KeyError(a)
+    last = None
+    for n in sorted(between, key=G.order.get):
+        if n.target not in LAYOUT_OPS:
+            continue
+        try:
+            vals[n] = n.target(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
+        except (KeyError, RuntimeError, TypeError, IndexError):
+            continue
+        if isinstance(vals[n], torch.Tensor) and vals[n].shape[-1] == head_dim:
+            last = vals[n]
+    found = vals.get(end, last)
+    if found is None and all(G.depends(end, u) for u in lin.node.users):   # not fused, other ops first (OLMo2's k norm)
+        return torch.arange(lin.out_features)
+    if not isinstance(found, torch.Tensor) or found.shape[-1] != head_dim:
+        raise StructureError(lin.node, f"whole heads of {head_dim} values from '{lin.name}' reaching the attention")
+    return torch.tensor(list(dict.fromkeys(found.flatten().tolist())))
 
 
 def _mlp(norm, branch_out, G, linears) -> MLP:

@@ -163,15 +163,16 @@ def _cache_specs(atts, plan) -> list[tuple]:
     or uint8 codes (4-bit ones two per byte) with a float32 scale and uint8 zero point per group."""
     specs = []
     for i, (a, kv) in enumerate(zip(atts, plan)):
-        for kind, (_, q) in zip(("key", "value"), kv):
+        for kind, (src, q) in zip(("key", "value"), kv):
+            heads = int(_type(src)[1][1])   # kv_heads, or every query head where the graph repeats them first (Falcon)
             if q:
                 bits, group = q[0], q[1]
                 groups = 1 if group == -1 else a.head_dim // group
-                specs += [(f"{i}.{kind}", torch.uint8, a.n_kv_heads, a.head_dim // 2 if bits <= 4 else a.head_dim),
-                          (f"{i}.{kind}_scale", torch.float32, a.n_kv_heads, groups),
-                          (f"{i}.{kind}_zero", torch.uint8, a.n_kv_heads, groups)]
+                specs += [(f"{i}.{kind}", torch.uint8, heads, a.head_dim // 2 if bits <= 4 else a.head_dim),
+                          (f"{i}.{kind}_scale", torch.float32, heads, groups),
+                          (f"{i}.{kind}_zero", torch.uint8, heads, groups)]
             else:
-                specs.append((f"{i}.{kind}", torch.float32, a.n_kv_heads, a.head_dim))
+                specs.append((f"{i}.{kind}", torch.float32, heads, a.head_dim))
     return specs
 
 
@@ -242,7 +243,7 @@ def _attend_over_cache(g, a, i: int, kv, past: dict, mask) -> list[fx.Node]:
     if len(args) > 5:   # positional is_causal
         args[5] = False
         kwargs.pop("is_causal")
-    if a.n_heads != a.n_kv_heads:   # the attention op reads kv_heads heads: no copy of the cache per head
+    if a.n_heads != int(_type(kv[0][0])[1][1]):   # the attention op reads kv_heads heads: no copy of the cache per head
         kwargs["enable_gqa"] = True
     sdpa.args, sdpa.kwargs = tuple(args), kwargs
     return presents

@@ -143,11 +143,14 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return torch.kron(base, _sylvester(p))
 
 
-def random_hadamard(n: int, seed: int) -> torch.Tensor:
-    """Randomized orthogonal Hadamard Q = H_n diag(s) / sqrt(n), s random signs (float64)."""
+def random_signs(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-    return hadamard_matrix(n) * signs / math.sqrt(n)
+    return torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """Randomized orthogonal Hadamard Q = H_n diag(s) / sqrt(n), s = random_signs(n, seed) (float64)."""
+    return hadamard_matrix(n) * random_signs(n, seed) / math.sqrt(n)
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:

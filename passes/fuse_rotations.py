@@ -1,21 +1,18 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from lowbit.ir import meta
-from lowbit.ir.hadamard import random_hadamard, random_orthogonal, supported
+from lowbit.ir.analysis import LAYOUT_OPS
+from lowbit.ir.hadamard import hadamard, random_hadamard, random_orthogonal, random_signs, rotate_kron, supported
 
 from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
 
 aten = torch.ops.aten
-
-# ops that move whole heads around without mixing values within a head: R2 passes through them
-_LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-               aten.permute.default, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor,
-               aten.clone.default, aten.contiguous.default}
 
 LEARNED_R1 = "rotations.R1"     # where learn-rotations leaves its matrices for kind=learned
 
@@ -49,15 +46,96 @@ def stream_readers(s):
     return [lin for b in s.blocks for lin in b.norm.consumers] + s.final_norm.consumers
 
 
+def writer(b):
+    """The linear ending a block's branch."""
+    return b.attention.o if b.attention else b.mlp.down
+
+
 def stream_writers(s):
-    """Linears whose output is added into the residual stream."""
-    return [b.attention.o if b.attention else b.mlp.down for b in s.blocks]
+    """Linears whose output is added into the residual stream as it is (a writer behind a
+    post-norm is not: its branch is rotated online after the norm)."""
+    return [writer(b) for b in s.blocks if b.post_norm is None]
+
+
+def rotate_online(ir, s, r1: torch.Tensor, hadamard_signs: torch.Tensor | None) -> int:
+    """Each post-norm's output (Gemma3, OLMo2) times R1, online: a weighted norm between a writer
+    and the stream does not commute with R1, so the writer stays as it is and the normalized,
+    scaled branch is rotated before the add. R1 = H diag(s) / sqrt(d) (kind=hadamard): the fast
+    Hadamard transform then the signs, (K + log2(d/K) + 1) d multiply-adds per token and post-norm
+    (H_K kron H_2^m); any other R1: a dense d x d product (lowbit.rotate_kron with A = R1), d^2."""
+    posts = [b.post_norm for b in s.blocks if b.post_norm is not None]
+    if not posts:
+        return 0
+    tensors = (("stream_rotation.signs", hadamard_signs),) if hadamard_signs is not None else \
+        (("stream_rotation.r1", r1), ("stream_rotation.one", torch.ones(1, 1, dtype=r1.dtype)))
+    for t, v in tensors:
+        ir.set_tensor(t, v.float())
+    for n in dict.fromkeys(p.output for p in posts):
+        typ = n.meta.get(meta.TYPE, "")
+        if hadamard_signs is not None:
+            h = ir.insert(hadamard._opoverload, (n,), after=n, typ=typ, swap=(n, None))
+            out = ir.insert(aten.mul.Tensor, (h, ir.get_attr(tensors[0][0], n.next)), after=h, typ=typ)
+            h.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        else:
+            out = ir.insert(rotate_kron._opoverload, (n,), after=n, typ=typ, swap=(n, None))
+            out.args = (n, *[ir.get_attr(t, out) for t, _ in tensors])
+        _note(out, "R1 online (after a post-norm)")
+    return len(posts)
+
+
+def positions_table(s) -> str | None:
+    """The stored table of learned absolute positions (GPT-2, OPT) when they are a plain lookup."""
+    p = s.positions
+    if p is not None and p.target is aten.embedding.default and p.args[0].op == "get_attr":
+        return p.args[0].target
+    return None
+
+
+def stream_norms(s):
+    return [b.norm for b in s.blocks] + [s.final_norm]
+
+
+def center_stream(ir, s) -> int:
+    """A stream read by LayerNorms made zero-mean, so each LayerNorm becomes an RMSNorm, which
+    commutes with R1 (QuaRot's trick for OPT): each row of the embedding and position tables, and
+    each writer's output (weight rows and bias), minus its mean over the hidden dim; every
+    layer_norm(x) then equals x * rsqrt(mean(x^2) + eps) and is replaced by it. Exact up to
+    rounding. Returns how many norms changed (0 for RMSNorm models)."""
+    norms = stream_norms(s)
+    if not any(n.kind == "layer" for n in norms):
+        return 0
+    if any(b.post_norm is not None for b in s.blocks):
+        raise PassFailure("LayerNorms on the stream and a post-norm before the add: the branch cannot be centered",
+                          next(b.post_norm.output for b in s.blocks if b.post_norm is not None))
+    if not all(n.kind == "layer" for n in norms):
+        raise PassFailure("the residual stream is read by both LayerNorms and RMSNorms; a rotation commutes "
+                          "with neither mix", next(n for n in norms if n.kind == "rms").normalized)
+
+    def center(target, dim):
+        t = ir.tensor(target).double()
+        ir.set_tensor(target, (t - t.mean(dim, keepdim=True)).float())
+    for target in {s.embedding_weight, positions_table(s)} - {None}:
+        center(target, 1)
+    for lin in stream_writers(s):
+        center(lin.weight, 0)
+        if lin.bias:
+            center(lin.bias, 0)
+    for n in norms:
+        ln, x, typ = n.normalized, n.input, n.normalized.meta.get(meta.TYPE, "")
+        one = re.sub(r",[^,\]]+\]$", ",1]", typ)
+        sq = ir.insert(aten.pow.Tensor_Scalar, (x, 2), before=ln, like=ln, typ=typ)
+        mean = ir.insert(aten.mean.dim, (sq, [-1], True), before=ln, like=ln, typ=one)
+        var = ir.insert(aten.add.Tensor, (mean, n.eps), before=ln, like=ln, typ=one)
+        r = ir.insert(aten.rsqrt.default, (var,), before=ln, like=ln, typ=one)
+        ir.insert(aten.mul.Tensor, (x, r), before=ln, replace=ln)
+    ir.changed()
+    return len(norms)
 
 
 def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The tensors a rotation changes, computed without touching the IR (pure, differentiable).
 
-    R1 (row vectors: x_rot = x R1): embedding E R1; stream readers W R1; stream writers R1^T W,
+    R1 (row vectors: x_rot = x R1): embedding E R1 (and learned positions P R1); stream readers W R1; stream writers R1^T W,
     bias b R1. R2 per attention (shared by its heads, so grouped-query attention is unaffected):
     each value head's rows R2^T W_v,h (bias b_h R2) and o's input columns per head W_o,h R2.
     A tensor read by several of these roles (tied embedding and lm_head) is rotated once."""
@@ -71,6 +149,8 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) ->
         return out[target] if target in out else get(target)
 
     put(s.embedding_weight, lambda e: e @ r1)
+    if positions_table(s):
+        put(positions_table(s), lambda p: p @ r1)
     for lin in stream_readers(s):
         put(lin.weight, lambda w: w @ r1)
     for lin in stream_writers(s):
@@ -78,12 +158,13 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) ->
         if lin.bias:
             put(lin.bias, lambda b: b @ r1)
     for a, r2 in zip(s.attentions, r2s or []):
-        start, stop, hd = *a.v_rows, a.head_dim
+        rows, hd = a.v_rows, a.head_dim
 
-        def v_fn(w, start=start, stop=stop, r2=r2, hd=hd):
-            heads = w[start:stop].reshape(-1, hd, *w.shape[1:])     # [kv_heads, hd, (in)]
-            rot = torch.einsum("ji,hj...->hi...", r2, heads).reshape(stop - start, *w.shape[1:])
-            return torch.cat([w[:start], rot, w[stop:]])
+        def v_fn(w, rows=rows, r2=r2, hd=hd):
+            heads = w[rows].reshape(-1, hd, *w.shape[1:])     # [kv_heads, hd, (in)]
+            out = w.clone()
+            out[rows] = torch.einsum("ji,hj...->hi...", r2, heads).reshape(len(rows), *w.shape[1:])
+            return out
         out[a.v.weight] = v_fn(cur(a.v.weight))
         if a.v.bias:
             out[a.v.bias] = v_fn(cur(a.v.bias))
@@ -128,6 +209,8 @@ class FuseRotations(Pass):
         if c.r2:
             for a in s.attentions:
                 check_head_path(a)
+        centered = center_stream(ir, s)
+        s = ir.analysis
         d = ir.tensor(s.embedding_weight).shape[1]
         r1 = self._matrix(ir, LEARNED_R1, d, c.seed)
         r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) for i, a in enumerate(s.attentions)] \
@@ -136,6 +219,7 @@ class FuseRotations(Pass):
         new = rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s)
         for target, t in new.items():
             ir.set_tensor(target, t.float())
+        online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None)
         for lin in stream_readers(s):
             _note(lin.node, "R1 in")
         for lin in stream_writers(s):
@@ -146,7 +230,8 @@ class FuseRotations(Pass):
         s.embedding.meta[meta.ROTATED] = {"kind": c.kind, "seed": c.seed, "r2": c.r2}
         ir.changed()
         return PassResult(True, {"kind": c.kind, "dim": d, "readers": len(stream_readers(s)),
-                                 "writers": len(s.blocks), "r2_layers": len(r2s or []), "smoothed": scaled})
+                                 "writers": len(s.blocks), "r2_layers": len(r2s or []), "smoothed": scaled,
+                                 "layer_norms_centered": centered, "online_after_post_norms": online})
 
     @staticmethod
     def _smooth(ir, s) -> int:
@@ -161,9 +246,8 @@ class FuseRotations(Pass):
             sv = ir.extra_tensors.get(smooth_v(i))
             if sv is None:
                 continue
-            start, stop = a.v_rows
             inv = torch.ones(ir.tensor(a.v.weight).shape[0], dtype=torch.float64)
-            inv[start:stop] = 1 / sv
+            inv[a.v_rows] = 1 / sv
             scale(a.v.weight, inv, 0)
             if a.v.bias:
                 scale(a.v.bias, inv, -1)
@@ -193,37 +277,65 @@ class FuseRotations(Pass):
 def check_rotatable(s):
     """find/check: norms reading the stream are pure normalizations, writers are linears, the
     embedding scale (if any) is a scalar, and nothing else reads the stream."""
-    for norm in [b.norm for b in s.blocks] + [s.final_norm]:
-        if norm.weight is not None:
+    for norm in stream_norms(s):
+        if norm.weight is not None or norm.bias is not None:
             raise PassFailure(f"needs folded norms: '{norm.name}' still scales the stream (run fold-norms first)",
                               norm.output)
-        if norm.other_users:
+        if norm.other_users and norm.kind != "none":   # a stream read directly is checked below
             raise PassFailure(f"norm output is read by '{norm.other_users[0].name}', not only by linears",
                               norm.output)
     for lin in s.linears.values():
         if lin.frozen:
             raise PassFailure(f"'{lin.name}' is already quantized or split; rotate before quantize-weights "
                               "and split-outliers", lin.node)
-    for b, lin in zip(s.blocks, stream_writers(s)):
-        if lin.node not in b.add.args:
-            raise PassFailure(f"residual branch ends in '{lin.name}' through other ops; its output cannot be rotated",
-                              b.add)
+    ends = {}   # residual add -> the branch ends writing into it (two for a parallel block)
+    for b in s.blocks:
+        post = b.post_norm
+        if post is not None and (post.input is not writer(b).node or len(post.output.users) != 1):
+            raise PassFailure(f"a post-norm reading more than '{writer(b).name}' or read by more than the residual "
+                              "add; R1 cannot be applied after it", post.output)
+        ends.setdefault(b.add, []).append(writer(b) if post is None else post)
+    for add, parts in ends.items():
+        branch = next(a for a in add.args[:2] if a not in s.stream)
+        if set(_summands(branch)) != {p.node if hasattr(p, "node") else p.output for p in parts}:
+            raise PassFailure(f"residual branch ends in '{writer(next(b for b in s.blocks if b.add is add)).name}' "
+                              "through other ops; its output cannot be rotated", add)
     scale = s.stream[0]
+    if s.positions is not None:
+        if positions_table(s) is None:
+            raise PassFailure("learned positions that are not a lookup of a stored table", s.positions)
+        scale = next(a for a in scale.args[:2] if a is not s.positions)
     if scale is not s.embedding:
         other = [a for a in scale.args if a is not s.embedding]
         if not all(isinstance(a, (int, float)) or (a.meta.get("val") is not None and a.meta["val"].numel() == 1)
                    for a in other):
             raise PassFailure("the embedding is scaled per channel; a rotation does not commute with it", scale)
     allowed = set(s.stream[1:])   # the next residual add, and the norm reading the value
-    for norm in [b.norm for b in s.blocks] + [s.final_norm]:
+    for norm in stream_norms(s):
+        if norm.kind == "none":   # the block's linears read the stream itself
+            allowed |= {lin.node for lin in norm.consumers}
         allowed |= {norm.normalized} | {u for u in norm.input.users if u.target is aten.pow.Tensor_Scalar}
     for v in s.stream:
         for u in v.users:
             if u not in allowed:
                 raise PassFailure(f"the residual stream is read by '{u.name}', which a rotation would change", u)
 
+def _summands(n: fx.Node) -> list[fx.Node]:
+    """The terms of a sum of nodes (a parallel block's branches), or [n]."""
+    if n.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
+        return _summands(n.args[0]) + _summands(n.args[1])
+    return [n]
+
+
 def check_head_path(a):
-    """R2 must pass from v to o through layout ops only (no value mixing within a head)."""
+    """R2 must pass from v to o through layout ops only (no value mixing within a head); of a fused
+    projection, only the path to the attention's values is followed."""
+    path, todo = set(), [a.sdpa.args[2]]
+    while todo:
+        n = todo.pop()
+        if n not in path:
+            path.add(n)
+            todo += n.all_input_nodes
     todo, seen = [a.v.node], set()
     while todo:
         n = todo.pop()
@@ -232,17 +344,15 @@ def check_head_path(a):
                 if u.args[2] is not n:
                     raise PassFailure("the value projection feeds attention other than as values", u)
                 continue
-            if u in seen:
+            if u in seen or (a.fused_qkv and u not in path):   # the q or k part of a fused projection
                 continue
             seen.add(u)
-            if n is a.v.node and a.fused_qkv and u.target is aten.slice.Tensor and u.args[2] != a.v_rows[0]:
-                continue   # the q or k slice of a fused projection
-            if u.target not in _LAYOUT_OPS:
+            if u.target not in LAYOUT_OPS:
                 raise PassFailure(f"R2 cannot pass '{u.name}' ({u.target}) between v and attention", u)
             todo.append(u)
     cur = a.sdpa
     while cur is not a.o.node:
         nxt = list(cur.users)
-        if len(nxt) != 1 or (nxt[0] is not a.o.node and nxt[0].target not in _LAYOUT_OPS):
+        if len(nxt) != 1 or (nxt[0] is not a.o.node and nxt[0].target not in LAYOUT_OPS):
             raise PassFailure("attention output reaches o_proj through ops other than layout changes", cur)
         cur = nxt[0]

@@ -64,12 +64,12 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
 
 
 class _Calibrate(OnDemand):
-    """Runs the graph on the whole calibration batch node by node; at each linear to quantize it
-    accumulates H from the linear's actual input, calls `quantize(node, w, h) -> w_hat`, and
-    continues with w_hat (sequential) or the original weight. Values (weights on disk included:
-    they are read when their node runs) are freed after their last use, and the walk stops after
-    the last linear, so memory holds about one layer's tensors. Linears reading the same input
-    (q, k and v; gate and up) share one H, kept until the last of them is quantized."""
+    """Runs the graph on the whole calibration batch node by node; at the first linear to quantize
+    reading an input it accumulates H from that input and calls `quantize(group, h) -> {node:
+    w_hat}` for the group of targets reading it (q, k and v; gate and up: one H), then continues
+    with each w_hat (sequential) or the original weight. Values (weights on disk included: they
+    are read when their node runs) are freed after their last use, and the walk stops after the
+    last linear, so memory holds about one layer's tensors."""
 
     class Done(Exception):
         pass
@@ -78,7 +78,8 @@ class _Calibrate(OnDemand):
         super().__init__(ir)
         self.targets, self.quantize, self.sequential = set(targets), quantize, sequential
         self.known = set(known)   # targets already quantized (a resumed compile): no H for them
-        self.hessians = {}   # input node -> H, while a target reading it is still to come
+        self.order = {n: i for i, n in enumerate(ir.graph.nodes)}
+        self.w_hat = {}   # target -> its quantized weight, made with its group
 
     def run_node(self, n):
         if n not in self.targets:
@@ -86,15 +87,16 @@ class _Calibrate(OnDemand):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        h = self.hessians.get(n.args[0])
-        if h is None and n not in self.known:   # with several processes: each holds a share of the windows, H sums them
-            flat = x.reshape(-1, x.shape[-1]).double()
-            rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
-            h = self.hessians[n.args[0]] = all_sum(flat.T @ flat) * 2 / rows
-        w_hat = self.quantize(n, w, h).to(w.dtype)
+        if n not in self.w_hat:
+            group = sorted((u for u in n.args[0].users if u in self.targets), key=self.order.get)
+            h = None
+            if any(u not in self.known for u in group):   # with several processes: each holds a share of the windows, H sums them
+                flat = x.reshape(-1, x.shape[-1]).double()
+                rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
+                h = all_sum(flat.T @ flat) * 2 / rows
+            self.w_hat.update(self.quantize(group, h))
+        w_hat = self.w_hat.pop(n).to(w.dtype)
         self.targets.discard(n)
-        if not any(u in self.targets for u in n.args[0].users):
-            self.hessians.pop(n.args[0], None)
         out = F.linear(x, w_hat if self.sequential else w, bias)
         if not self.targets:
             raise self.Done
@@ -103,10 +105,10 @@ class _Calibrate(OnDemand):
 
 @torch.no_grad()
 def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True, known=()):
-    """Walk the calibration batch, calling quantize(node, W, H) at each target (H None for the
-    `known` ones, whose result exists already), and continue with what it returns."""
+    """Walk the calibration batch, calling quantize(group, H) -> {node: w_hat} at the first of each
+    group of targets reading one input (H None when the group is all `known`, whose results exist
+    already), and continue with what it returns."""
     try:
         _Calibrate(ir, targets, quantize, sequential, known).run(my_share(calib))
     except _Calibrate.Done:
         pass
-

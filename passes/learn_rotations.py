@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -23,10 +25,33 @@ from .quantize_activations import QuantizeActivations, QuantizeKV, linear_roles
 from .quantize_weights import QuantizeWeights
 
 
-def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4, norms=()) -> list[torch.Tensor]:
+class _Rows:
+    """A float32 matrix in a file: rows appended a block at a time, read back by position. What
+    loss=local records (7 GB on a 135M model) lives on disk; a step reads its rows back."""
+
+    def __init__(self, path: Path, width: int):
+        self.path, self.width = path, width
+
+    def append(self, rows: torch.Tensor):
+        with open(self.path, "ab") as f:
+            rows.float().contiguous().numpy().tofile(f)
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        n = -1 if stop is None else (stop - start) * self.width
+        a = np.fromfile(self.path, np.float32, count=n, offset=start * self.width * 4)
+        return torch.from_numpy(a).view(-1, self.width)
+
+    def take(self, pos: torch.Tensor) -> torch.Tensor:
+        """The rows at `pos`, read one run of consecutive positions at a time."""
+        runs = torch.tensor_split(pos, ((pos.diff() != 1).nonzero().flatten() + 1).tolist())
+        return torch.cat([self.read(int(r[0]), int(r[-1]) + 1) for r in runs])
+
+
+def _record(gm, nodes, seqs, into: Path, progress: bool = False, batch: int = 4, norms=()) -> list:
     """The values of `nodes` over the calibration sequences, as [tokens, width] rows (one forward
-    pass); of the nodes in `norms`, only each row's squared norm."""
-    want = {n: [] for n in nodes}
+    pass), each in a file under `into`; of the nodes in `norms`, only each row's squared norm (in
+    memory)."""
+    want = {n: [] if n in norms else None for n in nodes}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
@@ -36,12 +61,17 @@ def _record(gm, nodes, seqs, progress: bool = False, batch: int = 4, norms=()) -
                 if v.dim() == 4:   # [batch, heads, seq, head_dim]: one row per token, heads side by side
                     v = v.transpose(1, 2).flatten(-2)
                 rows = v.reshape(-1, v.shape[-1])
-                want[n].append(rows.square().sum(-1) if n in norms else rows)
+                if n in norms:
+                    want[n].append(rows.square().sum(-1))
+                else:
+                    if want[n] is None:
+                        want[n] = _Rows(into / f"{n.name}.f32", rows.shape[-1])
+                    want[n].append(rows)
             return out
     with torch.no_grad():
         for i in tqdm(range(0, len(seqs), batch), desc="learn-rotations: recording", disable=not progress, leave=False):
             Recorder(gm).run(seqs[i: i + batch])
-    return [torch.cat(want.pop(n)) for n in nodes]   # one node's chunks and its copy at a time: peak ~ the total once
+    return [torch.cat(want[n]) if n in norms else want[n] for n in nodes]
 
 
 def _per_head_fn(r, k):
@@ -64,7 +94,7 @@ class Term:
     function `err` whose error is measured, and the residual stream value the readers' output is
     added to (each token then weighted by 1 / ||h||^2), if any."""
     node: fx.Node
-    cols: slice | None
+    cols: torch.Tensor | None
     energy: Callable
     err: Callable
     residual: fx.Node | None = None
@@ -178,15 +208,19 @@ class LearnRotations(Pass):
         seqs = ctx.calib[:, : ctx.calib.shape[1] // c.seq * c.seq].reshape(-1, c.seq)[: c.calib]
         if len(seqs) == 0:
             raise PassFailure(f"calibration windows are shorter than seq={c.seq}")
+        if c.loss == "ce" and any(b.post_norm is not None for b in s.blocks):
+            raise PassFailure("loss=ce does not simulate the online R1 after post-norms; use loss=local",
+                              next(b.post_norm.output for b in s.blocks if b.post_norm is not None))
         r1, r2s, r4s, r3s = self._starts(ir, s, fuse.r2, online_learned and r4, online_learned and h.r3)
         smooth = {}   # extra-tensor key -> log-scale, learned by Adam beside the rotations
-        if c.loss == "local":
-            loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s)
-        else:
-            loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s,
-                                                        ctx.following(QuantizeWeights)[0], r4)
-        learned = [r1, *r2s, *[f for ab in r4s for f in ab], *r3s]
-        stats = self._optimize(loss_on, batch_at, learned, smooth, ctx.progress)
+        with tempfile.TemporaryDirectory(prefix="lowbit-learn-") as scratch:
+            if c.loss == "local":
+                loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, Path(scratch))
+            else:
+                loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s,
+                                                            ctx.following(QuantizeWeights)[0], r4)
+            learned = [r1, *r2s, *[f for ab in r4s for f in ab], *r3s]
+            stats = self._optimize(loss_on, batch_at, learned, smooth, ctx.progress)
         ir.extra_tensors[LEARNED_R1] = r1.detach().double()
         for i, r in enumerate(r2s):
             ir.extra_tensors[learned_r2(i)] = r.detach().double()
@@ -279,7 +313,7 @@ class LearnRotations(Pass):
             return seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)]
         return loss_on, batch_at, [quant.text(), *simulated]
 
-    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s=()):
+    def _local(self, ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, scratch: Path):
         """loss=local: the quantized inputs the rotations act on, recorded once from the float model,
         and a loss that needs no forward pass. Each term is the output error quantization causes at
         the linears reading a value, relative to their output: ||(Q(X R) R^T - X) W^T||^2 / ||X W^T||^2,
@@ -289,6 +323,7 @@ class LearnRotations(Pass):
         each down projection's input. The o, value and down terms weight each token by 1 / ||h||^2, h
         the residual their output is added to. R3 (if learned): the keys after RoPE into the KV cache,
         their error read by the queries (q (k_hat - k)^T, through each group's query Gram matrix).
+        The recorded rows are kept in files under `scratch`, each term's in the order steps read them.
         Returns (loss, batch_at, what it ran under)."""
         c = self.config
         act = ctx.following(QuantizeActivations)[0]
@@ -306,28 +341,40 @@ class LearnRotations(Pass):
             terms += self._down_terms(ir, s, quant_a, r4s, smooth)
         residuals = {t.residual for t in terms if t.residual is not None}
         nodes = list(dict.fromkeys([t.node for t in terms] + list(residuals) + list(queries)))
-        values = dict(zip(nodes, _record(ir.gm, nodes, seqs, ctx.progress, norms=residuals)))
+        values = dict(zip(nodes, _record(ir.gm, nodes, seqs, scratch, ctx.progress, norms=residuals)))
         for qn, att in queries.items():   # each kv head's key error through its query heads' Gram matrix
-            q = values.pop(qn).unflatten(-1, (att.n_kv_heads, -1, att.head_dim))   # [tokens, kv head, query, hd]
+            rows = values.pop(qn)
+            q = rows.read().unflatten(-1, (att.n_kv_heads, -1, att.head_dim))   # [tokens, kv head, query, hd]
+            rows.path.unlink()
             grams[qn] = torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q))
-        xs = [values[t.node] if t.cols is None else values[t.node][:, t.cols] for t in terms]
-        # a token's error counts relative to the residual it is added to (the next norm divides by
-        # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss
-        weights = [None if t.residual is None else 1 / values[t.residual] for t in terms]
-        energy = [t.energy(x) if w is None else t.energy(x) * w for x, w, t in zip(xs, weights, terms)]
-        tokens = len(xs[0])
+        tokens = len(seqs) * seqs.shape[1]
         per_step = c.batch * c.seq
         order = torch.randperm(tokens, generator=torch.Generator().manual_seed(c.seed))
+        xs, weights, energy = [], [], []   # each term's rows, in the order the steps read them
+        for i, t in enumerate(terms):
+            x = values[t.node].read()
+            x = x if t.cols is None else x[:, t.cols]
+            # a token's error counts relative to the residual it is added to (the next norm divides by
+            # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss
+            w = None if t.residual is None else 1 / values[t.residual]
+            en = t.energy(x) if w is None else t.energy(x) * w
+            xs.append(_Rows(scratch / f"term{i}.f32", x.shape[1]))
+            xs[-1].append(x[order])
+            weights.append(None if w is None else w[order])
+            energy.append(en[order])
+        for v in values.values():
+            if isinstance(v, _Rows):
+                v.path.unlink()
 
-        def batch_at(step):
-            return order[torch.arange(step * per_step, (step + 1) * per_step) % tokens]
+        def batch_at(step):   # positions in `order`
+            return torch.arange(step * per_step, (step + 1) * per_step) % tokens
 
-        def loss_on(idx):
+        def loss_on(pos):
             total = 0.0
             for x, w, en, t in zip(xs, weights, energy, terms):
-                x = x[idx]
+                x = x.take(pos)
                 e = t.energy(t.err(x) - x)
-                total = total + (e if w is None else e * w[idx]).sum() / en[idx].sum()
+                total = total + (e if w is None else e * w[pos]).sum() / en[pos].sum()
             return total / len(terms)
         return loss_on, batch_at, [e.text() for e in (act, kv) if e is not None]
 
@@ -338,13 +385,13 @@ class LearnRotations(Pass):
         home = {id(b.attention): b.norm.input for b in s.blocks if b.attention}   # the residual o writes into
         for i, (att, r2) in enumerate(zip(s.attentions, r2s)):
             wo = ir.tensor(att.o.weight).float()
-            sv = smooth.setdefault(smooth_v(i), torch.zeros(att.v_rows[1] - att.v_rows[0], requires_grad=True)) \
+            sv = smooth.setdefault(smooth_v(i), torch.zeros(len(att.v_rows), requires_grad=True)) \
                 if self.config.smooth else None
             if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
                 heads = wo.reshape(len(wo), -1, att.head_dim)
                 g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
-                gv = torch.block_diag(*[g] * ((att.v_rows[1] - att.v_rows[0]) // att.head_dim))
-                terms.append(Term(att.v.node, slice(*att.v_rows), lambda e, gv=gv: ((e @ gv) * e).sum(-1),
+                gv = torch.block_diag(*[g] * (len(att.v_rows) // att.head_dim))
+                terms.append(Term(att.v.node, att.v_rows, lambda e, gv=gv: ((e @ gv) * e).sum(-1),
                                   _scaled(_per_head_fn(r2, kv.config), sv), home[id(att)]))
             if "o" not in a.skipped:
                 terms.append(Term(att.o.node.args[0], None, _out_energy(wo),

@@ -229,7 +229,7 @@ class QuantizeWeights(Pass):
                 raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
         if (scheme.hessian or scheme.fisher) and ctx.calib is None:
             raise PassFailure(f"method={c.method} needs calibration text (compile --calib FILE)")
-        stored, resumed = self._quantize(ir, ctx, scheme, todo)
+        stored, resumed, shares = self._quantize(ir, ctx, scheme, todo)
         for lin in todo:
             self._rewrite(ir, lin, stored[lin.node])
         ir.remove_dead()
@@ -237,67 +237,99 @@ class QuantizeWeights(Pass):
         stats = self._stats(todo, stored)
         if resumed:
             stats["resumed_linears"] = resumed
+        if any(shares):
+            stats["linears_per_process"] = shares
         if s.skipped:   # linears whose weight is computed, not stored: left in float, and said so
             stats["not_quantized"] = s.skipped
         return PassResult(True, stats)
 
-    def _quantize(self, ir, ctx, scheme, todo) -> dict:
-        """{linear node: Quantized}. Each linear's packed tensors go into the IR as soon as they
+    def _quantize(self, ir, ctx, scheme, todo) -> tuple[dict, int, list[int]]:
+        """({linear node: Quantized}, how many came from records, how many each process quantized
+        (several processes, GPTQ)). Each linear's packed tensors go into the IR as soon as they
         exist (past the memory budget, on to disk); nothing else of it is kept."""
         c = self.config
         quantize = QUANTIZERS[type(scheme)]
         fish = fisher(ir, ctx, c.samples) if scheme.fisher else {}
         bar = tqdm(total=len(todo), desc=f"quantize-weights ({c.method})", unit="linear",
                    disable=not ctx.progress, leave=False)
-        stored, resumed = {}, []
+        stored, resumed, shares = {}, [], [0] * ranks()[1]   # shares: linears each process quantized
 
-        def store(lin, h=None):
-            done = ctx.checkpoint.get(lin.weight) if ctx.checkpoint else None
-            if done is not None:   # quantized by an earlier, interrupted run of this compile
-                tensors, note = done
-                resumed.append(lin.name)
-                for name, t in tensors.items():
-                    ir.set_tensor(name, t)
-                q = Quantized.from_note(note)
-                w_hat = q.format.op(*(ir.tensor(n) if n else None for n in q.tensors), *q.consts)
-                w_hat = _plus_sparse(ir, lin, w_hat) if lin.sparse else w_hat
-            else:
-                w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
-                p = quantize(scheme, w, h, self._sensitivity(ir, lin, fish) if scheme.fisher else None)
-                w_hat = p.w_hat()
-                if lin.sparse:   # the whole weight (dense plus sparse): what the SQNR compares, what runs on
-                    w, w_hat = self._absorb(ir, lin, w, w_hat)
-                names = [f"{lin.home}.q.{k}" if t is not None else None for k, t in p.tensors.items()]
-                written = {n: t for n, t in zip(names, p.tensors.values()) if n is not None}
-                for name, t in written.items():
-                    ir.set_tensor(name, t)
-                q = Quantized(p.format, names, p.consts, p.info, tuple(w.shape), p.nbytes(), round(sqnr_db(w, w_hat), 2))
-                if ctx.checkpoint:
-                    if lin.sparse:
-                        written[lin.sparse[2]] = ir.tensor(lin.sparse[2])
-                    on_disk = ctx.checkpoint.put(lin.weight, written, q.note())
-                    if on_disk and ir.spill is not None:   # a model left on disk: read them from the record
-                        for name, t in on_disk.items():
-                            ir.set_tensor(name, t)
+        def adopt(lin, tensors, note):
+            """A linear's packed tensors and note, made elsewhere (a record, another process)."""
+            for name, t in tensors.items():
+                ir.set_tensor(name, t)
+            q = Quantized.from_note(note)
+            w_hat = q.format.op(*(ir.tensor(n) if n else None for n in q.tensors), *q.consts)
             stored[lin.node] = q
             bar.update()
-            return w_hat
+            return _plus_sparse(ir, lin, w_hat) if lin.sparse else w_hat
+
+        def record(lin, written, note):
+            on_disk = ctx.checkpoint.put(lin.weight, written, note) if ctx.checkpoint else None
+            if on_disk and ir.spill is not None:   # a model left on disk: read them from the record
+                for name, t in on_disk.items():
+                    ir.set_tensor(name, t)
+
+        def store(lin, h=None):
+            """(w_hat, the tensors written, their note): lin quantized, or taken from its record
+            (an earlier, interrupted run of this compile: nothing written)."""
+            done = ctx.checkpoint.get(lin.weight) if ctx.checkpoint else None
+            if done is not None:
+                resumed.append(lin.name)
+                return adopt(lin, *done), None, None
+            w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
+            p = quantize(scheme, w, h, self._sensitivity(ir, lin, fish) if scheme.fisher else None)
+            w_hat = p.w_hat()
+            if lin.sparse:   # the whole weight (dense plus sparse): what the SQNR compares, what runs on
+                w, w_hat = self._absorb(ir, lin, w, w_hat)
+            names = [f"{lin.home}.q.{k}" if t is not None else None for k, t in p.tensors.items()]
+            written = {n: t for n, t in zip(names, p.tensors.values()) if n is not None}
+            for name, t in written.items():
+                ir.set_tensor(name, t)
+            q = Quantized(p.format, names, p.consts, p.info, tuple(w.shape), p.nbytes(), round(sqnr_db(w, w_hat), 2))
+            if lin.sparse:
+                written[lin.sparse[2]] = ir.tensor(lin.sparse[2])
+            record(lin, written, q.note())
+            stored[lin.node] = q
+            bar.update()
+            return w_hat, written, q.note()
+
+        def store_group(nodes, h) -> dict:
+            """The linears sharing one H; with several processes, they take turns (over the whole
+            pass) quantizing those not done yet and send them to the others (rank 0 records them)."""
+            rank, world = ranks()
+            lins = [by_node[n] for n in nodes]
+            # not the records on disk: the first process writes them meanwhile (the others would disagree)
+            new = [lin for lin in lins if world > 1 and lin.node not in known]
+            out = {lin.node: store(lin, h)[0] for lin in lins if lin not in new}
+            owner = {lin.node: (sum(shares) + i) % world for i, lin in enumerate(new)}
+            mine = {lin.node: store(lin, h) for lin in new if owner[lin.node] == rank}
+            import torch.distributed as dist
+            for lin in new:
+                shares[owner[lin.node]] += 1
+                payload = [mine[lin.node][1:] if lin.node in mine else None]
+                dist.broadcast_object_list(payload, src=owner[lin.node])
+                if lin.node in mine:
+                    out[lin.node] = mine[lin.node][0]
+                else:
+                    out[lin.node] = adopt(lin, *payload[0])
+                    record(lin, *payload[0])
+            return out
 
         if scheme.hessian:
             by_node = {lin.node: lin for lin in todo}
             if ranks()[1] > 1:   # every process sees the same finished records before any is written
                 import torch.distributed as dist
                 dist.barrier()
-            known = [lin.node for lin in todo if ctx.checkpoint and ctx.checkpoint.has(lin.weight)]
-            calibrate_and_quantize(ir, list(by_node), ctx.calib[: c.samples],
-                                   lambda node, w, h: store(by_node[node], h), c.sequential, known)
+            known = {lin.node for lin in todo if ctx.checkpoint and ctx.checkpoint.has(lin.weight)}
+            calibrate_and_quantize(ir, list(by_node), ctx.calib[: c.samples], store_group, c.sequential, known)
         else:
             for lin in todo:
                 store(lin)
         bar.close()
         if resumed:
             log.info("quantize-weights: %d of %d linears taken from the interrupted compile", len(resumed), len(todo))
-        return stored, len(resumed)
+        return stored, len(resumed), shares
 
     def _rewrite(self, ir, lin, q: Quantized):
         """linear(x, W, b) -> linear(x, op(packed tensors...), b); a sparse_add of outliers stays

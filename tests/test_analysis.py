@@ -46,21 +46,34 @@ def test_linear_weight_not_parameter_names_node():
         ir.analysis
 
 
+def _heads(start, stride, n, hd=16):   # rows start + i * stride + [0, hd) for i < n
+    return [start + i * stride + j for i in range(n) for j in range(hd)]
+
+
 @pytest.mark.parametrize("family,expect", [
-    ("gpt2", dict(heads=4, kv_heads=4, fused_qkv=True, activation="elementwise", v_rows=(128, 192), positions=True)),
-    ("opt", dict(heads=4, kv_heads=4, fused_qkv=False, activation="relu", v_rows=(0, 64), positions=True)),
-    ("stablelm", dict(heads=4, kv_heads=2, fused_qkv=False, activation="silu", v_rows=(0, 32), positions=False)),
-    ("gemma3_text", dict(heads=4, kv_heads=2, fused_qkv=False, activation="gelu", v_rows=(0, 32), positions=False)),
+    ("gpt2", dict(heads=4, kv_heads=4, fused_qkv=True, activation="elementwise", v_rows=list(range(128, 192)),
+                  positions=True)),
+    ("opt", dict(heads=4, kv_heads=4, fused_qkv=False, activation="relu", v_rows=list(range(64)), positions=True)),
+    ("stablelm", dict(heads=4, kv_heads=2, fused_qkv=False, activation="silu", v_rows=list(range(32)),
+                      positions=False)),
+    ("gemma3_text", dict(heads=4, kv_heads=2, fused_qkv=False, activation="gelu", v_rows=list(range(32)),
+                         positions=False)),
+    # q/k/v interleaved per head: GPT-NeoX [head][q|k|v], Falcon [kv group][q q|k|v]
+    ("gpt_neox", dict(heads=4, kv_heads=4, fused_qkv=True, activation="gelu", v_rows=_heads(32, 48, 4),
+                      positions=False)),
+    ("falcon", dict(heads=4, kv_heads=2, fused_qkv=True, activation="gelu", v_rows=_heads(48, 64, 2),
+                    positions=False)),
 ])
 def test_structure_of_more_families(family, expect):
     """LayerNorm blocks, learned positions added to the token embedding (found as such, not as a
-    residual add), GPT-2's spelled-out GELU and its q/k/v split, OPT's stream regrouped into rows."""
+    residual add), GPT-2's spelled-out GELU and its q/k/v split, OPT's stream regrouped into rows,
+    q/k/v interleaved per head (GPT-NeoX, Falcon) and their parallel blocks."""
     ir, _ = tiny_ir(family)
     s = ir.analysis
     summ = s.summary()
     assert {k: summ[k] for k in ("heads", "kv_heads", "fused_qkv", "activation")} == \
         {k: expect[k] for k in ("heads", "kv_heads", "fused_qkv", "activation")}
-    assert summ["layers"] == 2 and len(s.blocks) == 4 and s.attentions[0].v_rows == expect["v_rows"]
+    assert summ["layers"] == 2 and len(s.blocks) == 4 and s.attentions[0].v_rows.tolist() == expect["v_rows"]
     assert (s.positions is not None) == expect["positions"]
     assert s.lm_head.module == "lm_head" and all(b.norm.consumers for b in s.blocks)
 
@@ -82,10 +95,18 @@ def test_parallel_blocks_share_the_residual_add():
     assert s.mlps[0].up.name.endswith("fc1") and s.mlps[0].gate is None
 
 
+def test_post_norms_and_blocks_without_pre_norm():
+    """Gemma3: a norm before and after each branch; OLMo2: after only, its linears reading the
+    stream itself (a pre-norm of kind "none")."""
+    for family, pre in (("gemma3_text", "rms"), ("olmo2", "none")):
+        s = tiny_ir(family)[0].analysis
+        assert len(s.blocks) == 4 and all(b.norm.kind == pre and b.post_norm is not None for b in s.blocks)
+        writers = [b.attention.o if b.attention else b.mlp.down for b in s.blocks]
+        assert all(b.post_norm.input is w.node and b.post_norm.output in b.add.args for b, w in zip(s.blocks, writers))
+    assert [lin.name.rsplit(".", 1)[-1] for lin in s.blocks[0].norm.consumers] == ["q_proj", "k_proj", "v_proj"]
+
+
 @pytest.mark.parametrize("family,match", [
-    ("gpt_neox", "a fused qkv projection split into q/k/v by slices of its last dim"),
-    ("falcon", "a fused qkv projection split into q/k/v by slices of its last dim"),
-    ("olmo2", "one pre-norm reading the residual stream"),
     ("mixtral", "one MLP down linear feeding it"),
 ])
 def test_structures_not_read_yet_are_refused_by_node(family, match):

@@ -126,20 +126,3 @@ def test_file_size_is_close_to_the_packed_size(stories_ir, tmp_path):
         size = sum(onnx.numpy_helper.to_array(i).nbytes if i.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
                    else (onnx.numpy_helper.to_array(i).size + 1) // 2 for i in model.graph.initializer)
         assert 0.5 * packed < size < 1.1 * packed, (flavor, size, packed)
-
-
-@pytest.mark.parametrize("family", ["gpt2", "opt", pytest.param("stablelm", marks=pytest.mark.slow),
-                                    pytest.param("gemma3_text", marks=pytest.mark.slow)])
-def test_export_of_more_families(family, tmp_path):
-    """LayerNorm, learned position tables (GPT-2, OPT) and post-norms (Gemma3) export as the KV-cache
-    decoder and run in onnxruntime: full sequence and token by token against the reference."""
-    ir, _ = tiny_ir(family)
-    PassManager("fold-norms,quantize-weights{method=rtn,bits=4,group=32,sym=false}").run(ir)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    ref = ir(x)
-    path = export_onnx(ir, tmp_path / "m.onnx", "ort", accuracy_level=0, half_embedding=False)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
-    for optimize in (False, True):
-        assert (OrtBackend(path, optimize=optimize).logits(x) - ref).abs().max() <= 2e-5 * ref.abs().max()
-    got = _decode(OrtBackend(path), x[:1].numpy(), 5)
-    assert (got - ref[:1]).abs().max() <= 2e-5 * ref.abs().max()

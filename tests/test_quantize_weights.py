@@ -124,13 +124,12 @@ def test_before_expected():
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
-@pytest.mark.parametrize("pipeline", ["quantize-weights{method=rtn,bits=4,group=32,sym=false}",
-                                      "quantize-weights{method=gptq,bits=4,group=32,sym=false,samples=4}",
-                                      "quantize-weights{method=finequant,bits=4,group=32}",
+@pytest.mark.parametrize("pipeline", ["quantize-weights{method=finequant,bits=4,group=32}",
                                       "split-outliers{samples=4},quantize-weights{method=squeezellm,bits=4,samples=4}"],
-                         ids=["rtn", "gptq", "finequant", "sparse+squeezellm"])
+                         ids=["finequant", "sparse+squeezellm"])
 def test_every_linear_of_any_captured_model(family, pipeline):
-    """RTN and GPTQ need only the linears (and which one is lm_head), found on any captured graph:
+    """FineQuant and SqueezeLLM (RTN and GPTQ: test_families.py) need only the linears (and which
+    one is lm_head), found on any captured graph:
     GPT-2's Conv1D and Falcon's x @ W.T arrive as linears. MoE experts multiplied by a grouped
     matmul over 3-D weights are not linears: they stay in float and the pass says so."""
     ir, model = tiny_ir(family)
