@@ -275,8 +275,9 @@ class FuseRotations(Pass):
 
 
 def check_rotatable(s):
-    """find/check: norms reading the stream are pure normalizations, writers are linears, the
-    embedding scale (if any) is a scalar, and nothing else reads the stream."""
+    """find/check: norms reading the stream are pure normalizations, each branch ends in its
+    writer linear (or a post-norm right after it), the embedding scale (if any) is a scalar, and
+    nothing else reads the stream."""
     for norm in stream_norms(s):
         if norm.weight is not None or norm.bias is not None:
             raise PassFailure(f"needs folded norms: '{norm.name}' still scales the stream (run fold-norms first)",
@@ -294,12 +295,12 @@ def check_rotatable(s):
         if post is not None and (post.input is not writer(b).node or len(post.output.users) != 1):
             raise PassFailure(f"a post-norm reading more than '{writer(b).name}' or read by more than the residual "
                               "add; R1 cannot be applied after it", post.output)
-        ends.setdefault(b.add, []).append(writer(b) if post is None else post)
+        ends.setdefault(b.add, []).append((writer(b).name, writer(b).node if post is None else post.output))
     for add, parts in ends.items():
         branch = next(a for a in add.args[:2] if a not in s.stream)
-        if set(_summands(branch)) != {p.node if hasattr(p, "node") else p.output for p in parts}:
-            raise PassFailure(f"residual branch ends in '{writer(next(b for b in s.blocks if b.add is add)).name}' "
-                              "through other ops; its output cannot be rotated", add)
+        if set(_summands(branch)) != {node for _, node in parts}:
+            raise PassFailure(f"residual branch ends in '{parts[0][0]}' through other ops; its output cannot be "
+                              "rotated", add)
     scale = s.stream[0]
     if s.positions is not None:
         if positions_table(s) is None:
@@ -320,10 +321,14 @@ def check_rotatable(s):
             if u not in allowed:
                 raise PassFailure(f"the residual stream is read by '{u.name}', which a rotation would change", u)
 
+
 def _summands(n: fx.Node) -> list[fx.Node]:
-    """The terms of a sum of nodes (a parallel block's branches), or [n]."""
+    """The terms of a sum of nodes (a parallel block's branches), each looked through a product
+    with a number (Granite's residual multiplier: it commutes with R1), or [n]."""
     if n.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
         return _summands(n.args[0]) + _summands(n.args[1])
+    if n.target is aten.mul.Tensor and isinstance(n.args[1], (int, float)):
+        return _summands(n.args[0])
     return [n]
 
 

@@ -12,7 +12,7 @@ STORIES = DATA / "stories260K" / "stories260K.bin"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
 # families whose structure (LayerNorm, learned positions, parallel residuals, post-norms, MoE) the
 # analysis does not read yet: they capture, and every pass that needs only the linears runs on them
-MORE_FAMILIES = ["gpt2", "opt", "gpt_neox", "stablelm", "olmo2", "gemma3_text", "falcon", "mixtral"]
+MORE_FAMILIES = ["gpt2", "opt", "gpt_neox", "stablelm", "olmo2", "gemma3_text", "falcon", "granite", "mixtral"]
 
 
 def need_data(*parts) -> Path:
@@ -38,6 +38,8 @@ def tiny_config(family: str):
         kw.update(new_decoder_architecture=True, num_kv_heads=2)
     if family == "mixtral":
         kw.update(num_local_experts=4, num_experts_per_tok=2)
+    if family == "granite":   # scalars on the stream: embedding, residual, attention and logit multipliers
+        kw.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0)
     return AutoConfig.for_model(family, **kw)
 
 
