@@ -135,7 +135,7 @@ class Structure:
     def summary(self) -> dict:
         att = self.attentions
         return {
-            "layers": len(att), "residual_adds": len(self.blocks), "norms": len(self.norms),
+            "layers": len(att), "residual_adds": len({b.add for b in self.blocks}), "norms": len(self.norms),
             "linears": len(self.linears), "tied_embedding": self.tied_embedding,
             "heads": att[0].n_heads if att else 0, "kv_heads": att[0].n_kv_heads if att else 0,
             "head_dim": att[0].head_dim if att else 0,

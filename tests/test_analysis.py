@@ -91,6 +91,7 @@ def test_parallel_blocks_share_the_residual_add():
     s = ir.analysis
     assert [("attn" if b.attention else "mlp") for b in s.blocks] == ["attn", "mlp", "attn", "mlp"]
     assert s.blocks[0].add is s.blocks[1].add and s.blocks[0].norm is s.blocks[1].norm
+    assert s.summary()["residual_adds"] == 2 and s.summary()["layers"] == 2
     assert [lin.name.rsplit(".", 1)[-1] for lin in s.blocks[1].norm.consumers] == ["q_proj", "k_proj", "v_proj", "fc1"]
     assert s.mlps[0].up.name.endswith("fc1") and s.mlps[0].gate is None
 
