@@ -179,9 +179,14 @@ class IR:
         return n
 
     def get_attr(self, target: str, before: fx.Node) -> fx.Node:
-        """A get_attr node for `target`, reusing an existing one when there is one."""
+        """A get_attr node for `target` before `before`, reusing an existing one when there is one
+        (moved up to `before` when it came later: a get_attr reads no other node)."""
+        passed = False
         for n in self.graph.nodes:
+            passed = passed or n is before
             if n.op == "get_attr" and n.target == target:
+                if passed:
+                    before.prepend(n)
                 return n
         with self.graph.inserting_before(before):
             n = self.graph.get_attr(target)

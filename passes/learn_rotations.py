@@ -47,31 +47,31 @@ class _Rows:
         return torch.cat([self.read(int(r[0]), int(r[-1]) + 1) for r in runs])
 
 
-def _record(gm, nodes, seqs, into: Path, progress: bool = False, batch: int = 4, norms=()) -> list:
+def _record(gm, nodes, seqs, into: Path, progress: bool = False, batch: int = 4, norms=()) -> tuple[dict, dict]:
     """The values of `nodes` over the calibration sequences, as [tokens, width] rows (one forward
-    pass), each in a file under `into`; of the nodes in `norms`, only each row's squared norm (in
-    memory)."""
-    want = {n: [] if n in norms else None for n in nodes}
+    pass), each in a file under `into`; and of the nodes in `norms`, each row's squared norm (in
+    memory). Returns ({node: _Rows}, {node: squared norms})."""
+    rows_of, norms_of = dict.fromkeys(nodes), {n: [] for n in norms}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if n in want:
+            if n in rows_of or n in norms_of:
                 v = out.detach().float()
                 if v.dim() == 4:   # [batch, heads, seq, head_dim]: one row per token, heads side by side
                     v = v.transpose(1, 2).flatten(-2)
                 rows = v.reshape(-1, v.shape[-1])
-                if n in norms:
-                    want[n].append(rows.square().sum(-1))
-                else:
-                    if want[n] is None:
-                        want[n] = _Rows(into / f"{n.name}.f32", rows.shape[-1])
-                    want[n].append(rows)
+                if n in norms_of:
+                    norms_of[n].append(rows.square().sum(-1))
+                if n in rows_of:
+                    if rows_of[n] is None:
+                        rows_of[n] = _Rows(into / f"{n.name}.f32", rows.shape[-1])
+                    rows_of[n].append(rows)
             return out
     with torch.no_grad():
         for i in tqdm(range(0, len(seqs), batch), desc="learn-rotations: recording", disable=not progress, leave=False):
             Recorder(gm).run(seqs[i: i + batch])
-    return [torch.cat(want[n]) if n in norms else want[n] for n in nodes]
+    return rows_of, {n: torch.cat(v) for n, v in norms_of.items()}
 
 
 def _per_head_fn(r, k):
@@ -340,11 +340,12 @@ class LearnRotations(Pass):
         if "down" not in a.skipped:
             terms += self._down_terms(ir, s, quant_a, r4s, smooth)
         residuals = {t.residual for t in terms if t.residual is not None}
-        nodes = list(dict.fromkeys([t.node for t in terms] + list(residuals) + list(queries)))
-        values = dict(zip(nodes, _record(ir.gm, nodes, seqs, scratch, ctx.progress, norms=residuals)))
-        for qn, att in queries.items():   # each kv head's key error through its query heads' Gram matrix
+        nodes = list(dict.fromkeys([t.node for t in terms] + list(queries)))
+        values, sq_norms = _record(ir.gm, nodes, seqs, scratch, ctx.progress, norms=residuals)
+        for qn, att in queries.items():   # each cached key head's error through its query heads' Gram matrix
             rows = values.pop(qn)
-            q = rows.read().unflatten(-1, (att.n_kv_heads, -1, att.head_dim))   # [tokens, kv head, query, hd]
+            heads = values[att.rope_k].width // att.head_dim   # kv heads, or all of them where the graph repeats k first
+            q = rows.read().unflatten(-1, (heads, -1, att.head_dim))   # [tokens, key head, query, hd]
             rows.path.unlink()
             grams[qn] = torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q))
         tokens = len(seqs) * seqs.shape[1]
@@ -356,15 +357,14 @@ class LearnRotations(Pass):
             x = x if t.cols is None else x[:, t.cols]
             # a token's error counts relative to the residual it is added to (the next norm divides by
             # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss
-            w = None if t.residual is None else 1 / values[t.residual]
+            w = None if t.residual is None else 1 / sq_norms[t.residual]
             en = t.energy(x) if w is None else t.energy(x) * w
             xs.append(_Rows(scratch / f"term{i}.f32", x.shape[1]))
             xs[-1].append(x[order])
             weights.append(None if w is None else w[order])
             energy.append(en[order])
         for v in values.values():
-            if isinstance(v, _Rows):
-                v.path.unlink()
+            v.path.unlink()
 
         def batch_at(step):   # positions in `order`
             return torch.arange(step * per_step, (step + 1) * per_step) % tokens

@@ -26,12 +26,16 @@ RTN = "quantize-weights{method=rtn,bits=4,group=32,sym=false}"
 GPTQ = "quantize-weights{method=gptq,bits=4,group=32,sym=false,samples=4}"
 ROTATE = "fold-norms,fuse-rotations{kind=hadamard},insert-hadamard"
 W4A8KV8 = f"{ROTATE},{GPTQ},quantize-activations{{bits=8}},quantize-kv{{bits=8}}"
+LEARNED = ("fold-norms,learn-rotations{steps=4,calib=4,seq=16,batch=1,loss=local,smooth=true},fuse-rotations{kind=learned},"
+           f"insert-hadamard{{kind=learned}},quantize-activations{{bits=8}},quantize-kv{{bits=8}},{RTN}")
 ROWS = {
     "capture": "captured graph = transformers' logits (rel. max error)",
     "rtn": "int4 RTN (g32) on every linear: logits SQNR (dB)",
     "gptq": "int4 GPTQ (g32, 4 windows) on every linear: logits SQNR (dB)",
     "rotate": "fold-norms, fuse-rotations, insert-hadamard: exact to 1e-4 (rel. max error)",
     "w4a8kv8": "rotations + int4 GPTQ + 8-bit activations and KV cache: logits SQNR (dB)",
+    "learned": "learn-rotations (loss=local, 4 steps; R1, R2, learned R3 and R4, smoothing scales) fused, then "
+               "8-bit activations and KV, int4 RTN: logits SQNR (dB)",
     "decode": "the W4A8KV8 model through its KV-cache decoder: prefill then token by token = full sequence "
               "(rel. max error)",
     "onnx": "rotations + int4 RTN exported (MatMulNBits, Hadamards as MatMul factors) in onnxruntime, full and "
@@ -40,7 +44,7 @@ ROWS = {
 EXPERTS = "MoE experts stay float"
 MOE = "one MLP down linear feeding it"                      # Mixtral: routed experts
 EXPECTED = {   # (family, row) -> what the cell says instead of a plain pass
-    **{("mixtral", r): MOE for r in ("rotate", "w4a8kv8", "decode", "onnx")},
+    **{("mixtral", r): MOE for r in ("rotate", "w4a8kv8", "learned", "decode", "onnx")},
     ("mixtral", "rtn"): EXPERTS, ("mixtral", "gptq"): EXPERTS,
 }
 X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -85,8 +89,8 @@ def _cell(family, row, tmp_path) -> tuple[str, float | None]:
         PassManager(ROTATE).run(ir)
         err = _rel(ir(X), ref)
         return f"{err:.0e}", err <= 1e-4
-    if row == "w4a8kv8":
-        PassManager(W4A8KV8).run(ir, PassContext(calib=calib))
+    if row in ("w4a8kv8", "learned"):
+        PassManager(W4A8KV8 if row == "w4a8kv8" else LEARNED).run(ir, PassContext(calib=calib))
         db = sqnr_db(ref, ir(X))
         return f"{db:.1f} dB", db > 8
     ids = X[:1].numpy()
