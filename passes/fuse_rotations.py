@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from lowbit.ir import meta
 from lowbit.ir.analysis import LAYOUT_OPS
-from lowbit.ir.hadamard import hadamard, random_hadamard, random_orthogonal, random_signs, rotate_kron, supported
+from lowbit.ir.hadamard import random_hadamard, random_orthogonal, random_signs, rotate_kron, supported
 
 from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
 
@@ -70,15 +70,16 @@ def rotate_online(ir, s, r1: torch.Tensor, hadamard_signs: torch.Tensor | None) 
         (("stream_rotation.r1", r1), ("stream_rotation.one", torch.ones(1, 1, dtype=r1.dtype)))
     for t, v in tensors:
         ir.set_tensor(t, v.float())
+    from .insert_hadamard import InsertHadamard   # here: passes register in the order passes/__init__ imports them
+    after = InsertHadamard._insert_after   # op(x, *tensors) after x, read by every user of x
     for n in dict.fromkeys(p.output for p in posts):
-        typ = n.meta.get(meta.TYPE, "")
         if hadamard_signs is not None:
-            h = ir.insert(hadamard._opoverload, (n,), after=n, typ=typ, swap=(n, None))
-            out = ir.insert(aten.mul.Tensor, (h, ir.get_attr(tensors[0][0], n.next)), after=h, typ=typ)
-            h.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+            h = after(ir, n)
+            h.meta[meta.TYPE] = n.meta.get(meta.TYPE, "")
+            out = after(ir, h, op=aten.mul.Tensor, tensors=[tensors[0][0]])
         else:
-            out = ir.insert(rotate_kron._opoverload, (n,), after=n, typ=typ, swap=(n, None))
-            out.args = (n, *[ir.get_attr(t, out) for t, _ in tensors])
+            out = after(ir, n, op=rotate_kron._opoverload, tensors=[t for t, _ in tensors])
+        out.meta[meta.TYPE] = n.meta.get(meta.TYPE, "")
         _note(out, "R1 online (after a post-norm)")
     return len(posts)
 
@@ -148,9 +149,8 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) ->
     def cur(target):
         return out[target] if target in out else get(target)
 
-    put(s.embedding_weight, lambda e: e @ r1)
-    if positions_table(s):
-        put(positions_table(s), lambda p: p @ r1)
+    for table in {s.embedding_weight, positions_table(s)} - {None}:
+        put(table, lambda t: t @ r1)
     for lin in stream_readers(s):
         put(lin.weight, lambda w: w @ r1)
     for lin in stream_writers(s):
