@@ -30,7 +30,7 @@ def _translations(flavor: str = "ort", accuracy_level: int = 0):
     L = torch.ops.lowbit
     table = {L.hadamard.default: _hadamard, L.rotate_kron.default: _rotate_kron,
              L.quantize_tokens.default: _quantize_tokens, L.kv_quantize.default: _kv_quantize,
-             L.kv_dequantize.default: _kv_dequantize, **formats.onnx_translations(flavor, accuracy_level)}
+             L.kv_dequantize.default: _kv_dequantize, L.grouped_linear.default: _grouped_linear, **formats.onnx_translations(flavor, accuracy_level)}
     if flavor == "trt":
         register_lowbit_schema("Hadamard", (("X", "T", FLOATS),))
         table[L.hadamard.default] = lambda x: onnxscript.values.Opset("lowbit", 1).Hadamard(x)
@@ -98,6 +98,24 @@ def _rotate_kron(x, a, b):
     from onnxscript import opset23 as op
     y = op.MatMul(op.Reshape(x, _const(np.array([-1, a.shape[0], b.shape[0]], np.int64))), b)
     return op.Reshape(op.MatMul(op.Transpose(a, perm=[1, 0]), y), op.Shape(x))
+
+
+def _grouped_linear(x, w, offsets):
+    """lowbit.grouped_linear in standard ops, unrolled over the experts (their number is static):
+    expert e's rows, Range(end of e-1, end of e), gathered and multiplied by W_e^T, then
+    concatenated in order."""
+    from onnxscript import opset23 as op
+    n_exp, k = offsets.shape[0], x.shape[-1]
+    w = op.Reshape(w, _const(np.array([n_exp, -1, k], np.int64)))
+    ends = op.Split(op.Cast(offsets, to=7), axis=0, num_outputs=n_exp) if n_exp > 1 else [op.Cast(offsets, to=7)]
+    mats = op.Split(w, axis=0, num_outputs=n_exp) if n_exp > 1 else [w]
+    axis0, one = _const(np.array([0], np.int64)), _const(np.array(1, np.int64))
+    start, parts = _const(np.array([0], np.int64)), []
+    for e in range(n_exp):
+        rows = op.Range(op.Squeeze(start, axis0), op.Squeeze(ends[e], axis0), one)
+        parts.append(op.MatMul(op.Gather(x, rows, axis=0), op.Transpose(op.Squeeze(mats[e], axis0), perm=[1, 0])))
+        start = ends[e]
+    return op.Concat(*parts, axis=0)
 
 
 def _token_codes(xg, bits: int, sym: bool, clip: float):
@@ -180,6 +198,22 @@ def _half_embedding(ir):
     ir.changed()
 
 
+_ARITHMETIC = {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.div.Tensor}
+
+
+def _bf16_in_float(ir):
+    """onnxruntime's CPU kernels have no bfloat16 arithmetic: an op the graph computes in bfloat16
+    (Falcon's ALiBi slopes times positions) computes in float32 and is rounded to bfloat16 after,
+    which is what torch's CPU bfloat16 kernels do: the same values."""
+    from lowbit.ir import meta
+    aten = torch.ops.aten
+    for n in [n for n in ir.graph.nodes if n.target in _ARITHMETIC and n.meta.get(meta.TYPE, "").startswith("bf16[")]:
+        n.args = tuple(ir.insert(aten.to.dtype, (a, torch.float32), before=n) if isinstance(a, torch.fx.Node) else a
+                       for a in n.args)
+        ir.insert(aten.to.dtype, (n, torch.bfloat16), after=n, swap=(n, None))
+    ir.changed()
+
+
 def io_names(past_specs) -> tuple[list[str], list[str]]:
     """Input and output names of the decoder form (optimum's and onnxruntime-genai's layout)."""
     return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n, *_ in past_specs],
@@ -217,6 +251,7 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         raise LowbitError(f"the {flavor} flavor cannot express {', '.join(left)} yet")
     if half_embedding:
         _half_embedding(ir)
+    _bf16_in_float(ir)
     A = torch.export.Dim.AUTO
     if form == "decoder":
         module, (b, s, p) = ir.gm, (2, 5, 3)

@@ -16,11 +16,12 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import formats, meta, quant
+from . import experts, formats, meta, quant
 from .errors import StructureError
 
 aten = torch.ops.aten
 
+GROUPED = experts.grouped_linear._opoverload   # an MoE layer's experts, one node (ir/experts.py)
 ACTIVATIONS = {aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu",
                aten.gelu_.default: "gelu", aten.silu_.default: "silu"}
 
@@ -38,10 +39,17 @@ class Linear:
     sparse: tuple[str, str, str] | None = None   # CSR (crow, col, val) targets added to the weight
     home: str = ""           # where tensors derived from this linear's weight live: its module path,
     #                          or its weight's own path where several linears share a module
+    experts: int = 0         # a stack of this many experts' weights (lowbit.grouped_linear, ir/experts.py):
+    #                          out_features and in_features are each expert's
 
     @property
     def name(self) -> str:
         return self.module or self.node.name
+
+    @property
+    def rows(self) -> int:
+        """Rows of the weight as one matrix (an expert stack's rows stacked)."""
+        return self.out_features * max(self.experts, 1)
 
     @property
     def frozen(self) -> bool:
@@ -95,6 +103,7 @@ class MLP:
     gate: Linear | None
     down: Linear
     act: str
+    router: Linear | None = None   # mixture of experts: the linear scoring experts (up, gate, down: expert stacks)
 
     @property
     def fused_gate_up(self) -> bool:
@@ -123,6 +132,7 @@ class Structure:
     linears: dict[str, Linear]   # by node name
     tied_embedding: bool         # lm_head reads the embedding's tensor
     positions: fx.Node | None = None   # learned position embeddings added to the token embedding
+    embedding_norm: Norm | None = None  # a norm right after the embedding, whose output is the stream
 
     @property
     def attentions(self) -> list[Attention]:
@@ -149,7 +159,7 @@ def _is(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
-def _shape(n: fx.Node):
+def node_shape(n: fx.Node):
     """Shape from export's fake tensor, else from the type string passes and artifacts carry
     ('f32[batch,4,seq,16]' -> ('batch', 4, 'seq', 16))."""
     v = n.meta.get("val")
@@ -164,7 +174,8 @@ def _shape(n: fx.Node):
 
 def _linear(n: fx.Node, ir) -> Linear:
     w = n.args[1]
-    bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    grouped = _is(n, GROUPED)
+    bias = None if grouped else n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
     sparse = None
     if _is(w, *formats.ADDITIVE_OPS):
         sparse = tuple(a.target for a in w.args[1:4])
@@ -175,15 +186,18 @@ def _linear(n: fx.Node, ir) -> Linear:
         out_f = ir.tensor(qweight.target).shape[0]
         wname = qweight.target
     elif isinstance(w, fx.Node) and w.op == "get_attr":
-        out_f, k = ir.tensor(w.target).shape
+        out_f, k = ir.tensor(w.target).shape[-2:]
         wname = w.target
     else:
         raise StructureError(n, "a linear whose weight is a parameter or a lowbit.dequantize of one "
                                 "(plus optional sparse outliers)")
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         raise StructureError(n, "a linear whose bias is a parameter")
+    experts = int((node_shape(n.args[2]) or (0,))[0]) if grouped else 0
+    if grouped and (quantized or ir.tensor(wname).dim() == 2):   # the experts' rows stacked
+        out_f //= experts
     return Linear(n, wname, bias.target if bias is not None else None, n.meta.get(meta.MODULE),
-                  int(k), int(out_f), quantized, w, sparse)
+                  int(k), int(out_f), quantized, w, sparse, experts=experts)
 
 
 def _norm_at(rsqrt: fx.Node) -> Norm:
@@ -255,7 +269,7 @@ def find_linears(ir, strict: bool = False) -> Linears:
     g = ir.graph
     linears, skipped = {}, {}
     for n in g.nodes:
-        if _is(n, aten.linear.default):
+        if _is(n, aten.linear.default, GROUPED):
             try:
                 linears[n.name] = _linear(n, ir)
             except StructureError as e:
@@ -265,7 +279,7 @@ def find_linears(ir, strict: bool = False) -> Linears:
     for n in g.nodes:   # stored matrices something other than a linear or an embedding multiplies (MoE experts)
         if n.op == "get_attr" and ir.tensor(n.target).is_floating_point() and ir.tensor(n.target).dim() >= 2:
             for u in n.users:
-                if u.op == "call_function" and not _is(u, aten.linear.default, aten.embedding.default, *formats.DENSE_OPS,
+                if u.op == "call_function" and not _is(u, aten.linear.default, GROUPED, aten.embedding.default, *formats.DENSE_OPS,
                                                         *formats.ADDITIVE_OPS) and u.name not in skipped:
                     skipped[u.name] = f"{n.target} is read by {u.target}, not by a linear: left in float"
     shared = Counter(lin.module for lin in linears.values())
@@ -307,19 +321,28 @@ def find_norms(ir, linears: dict[str, Linear], strict: bool = False) -> list[Nor
 
 
 def _find_readers(norm: Norm, linears: dict[str, Linear]):
-    """The linears reading a norm's output (its consumers), and every other user."""
-    for u in norm.output.users:
-        # looked through between a norm and its linears: an activation quantizer, and a view that
-        # keeps the last dim (it regroups rows; a per-channel scale or rotation commutes with it)
-        through = _is(u, quant.quantize_tokens._opoverload) or (
+    """The linears reading a norm's output (its consumers), and every other user. Looked through
+    between a norm and its linears: an activation quantizer, views that keep the last dim and row
+    gathers (an MoE's tokens routed to experts): they regroup rows, and a per-channel scale or a
+    rotation of the last dim commutes with them."""
+    width = (node_shape(norm.output) or (0,))[-1]
+
+    def regroups(u, x):
+        return u.args[0] is x and (_is(u, quant.quantize_tokens._opoverload) or (
             _is(u, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-            and (_shape(u) or (None,))[-1] == (_shape(norm.output) or (0,))[-1])
-        readers = list(u.users) if through else [u]
-        for r in readers:
-            if r.name in linears and r.args[0] in (norm.output, u):
-                norm.consumers.append(linears[r.name])
+            and (node_shape(u) or (None,))[-1] == width)
+            or _is(u, aten.index.Tensor) and len(u.args[1]) == 1 and len(node_shape(x) or ()) == 2)
+
+    todo = [norm.output]
+    while todo:
+        x = todo.pop()
+        for u in x.users:
+            if regroups(u, x):
+                todo.append(u)
+            elif u.name in linears and u.args[0] is x:
+                norm.consumers.append(linears[u.name])
             else:
-                norm.other_users.append(r)
+                norm.other_users.append(u)
 
 
 def analyze(ir) -> Structure:
@@ -331,11 +354,11 @@ def analyze(ir) -> Structure:
     for norm in norms:
         norm_by_input.setdefault(norm.input, []).append(norm)
 
-    emb, cur, positions = _stream_start(g, G, norm_by_input)
+    emb, cur, positions, emb_norm = _stream_start(g, G, norm_by_input)
     stream, blocks = [cur], []
     while True:
         while len(cur.users) == 1 and _is(next(iter(cur.users)), aten.view.default, aten.reshape.default) \
-                and (_shape(next(iter(cur.users))) or (None,))[-1] == (_shape(cur) or (0,))[-1]:
+                and (node_shape(next(iter(cur.users))) or (None,))[-1] == (node_shape(cur) or (0,))[-1]:
             cur = next(iter(cur.users))   # the stream regrouped into rows and back (OPT)
             stream.append(cur)
         adds = [u for u in cur.users if _is(u, aten.add.Tensor)
@@ -368,13 +391,14 @@ def analyze(ir) -> Structure:
     lm_head = linears[heads[0].name]
     emb_w = emb.args[0].target
     return Structure(emb, emb_w, stream, blocks, final[0], lm_head, norms, linears,
-                     tied_embedding=lm_head.weight == emb_w, positions=positions)
+                     tied_embedding=lm_head.weight == emb_w, positions=positions, embedding_norm=emb_norm)
 
 
 def _stream_start(g, G, norm_by_input):
-    """(the token embedding lookup, the residual stream's first value, learned positions or None):
-    the lookup, an elementwise scale by something not derived from the tokens (Gemma), and learned
-    absolute positions added to it (GPT-2, OPT)."""
+    """(the token embedding lookup, the residual stream's first value, learned positions or None,
+    the embedding's norm or None): the lookup, an elementwise scale by something not derived from
+    the tokens (Gemma), then learned absolute positions added to it (GPT-2, OPT) or a norm whose
+    output the blocks' norms read (BLOOM)."""
     inputs = [n for n in g.nodes if n.op == "placeholder"]
     embeds = [n for n in g.nodes if _is(n, aten.embedding.default) and _through_layout(n.args[1]) in inputs]
     if len(embeds) != 1:
@@ -387,12 +411,15 @@ def _stream_start(g, G, norm_by_input):
             cur = u
         else:
             break
+    norm = norm_by_input.get(cur, [])
+    if len(norm) == 1 and norm_by_input.get(norm[0].output) and not norm[0].consumers:
+        return emb, norm[0].output, None, norm[0]   # a norm right after the embedding (BLOOM): the stream is its output
     if len(cur.users) == 1 and not norm_by_input.get(cur):
         u = next(iter(cur.users))
         other = [a for a in u.args[:2] if isinstance(a, fx.Node) and a is not cur]
         if _is(u, aten.add.Tensor) and len(other) == 1 and not G.depends(other[0], emb):
-            return emb, u, other[0]
-    return emb, cur, None
+            return emb, u, other[0], None
+    return emb, cur, None, None
 
 
 def _through_layout(n):
@@ -404,9 +431,13 @@ def _through_layout(n):
 
 def _branches(out: fx.Node, cur: fx.Node, G) -> list[fx.Node]:
     """A residual branch's output, split where it is a sum of branches that each read the stream:
-    parallel attention and MLP (x + attn(ln1(x)) + mlp(ln2(x)))."""
-    if _is(out, aten.add.Tensor) and all(isinstance(a, fx.Node) and G.depends(a, cur) for a in out.args[:2]):
-        return _branches(out.args[0], cur, G) + _branches(out.args[1], cur, G)
+    parallel attention and MLP (x + attn(ln1(x)) + mlp(ln2(x))), routed and shared experts."""
+    inner = out
+    while _is(inner, aten.view.default, aten.reshape.default) and \
+            (node_shape(inner) or (None,))[-1] == (node_shape(inner.args[0]) or (0,))[-1]:
+        inner = inner.args[0]   # a sum taken on rows, then viewed back (routed and shared experts)
+    if _is(inner, aten.add.Tensor) and all(isinstance(a, fx.Node) and G.depends(a, cur) for a in inner.args[:2]):
+        return _branches(inner.args[0], cur, G) + _branches(inner.args[1], cur, G)
     return [out]
 
 
@@ -425,11 +456,11 @@ def _rope(G, lin: Linear, end: fx.Node, head_dim: int) -> fx.Node | None:
     ropes = [n for n in between if _is(n, aten.add.Tensor)
              and any(_is(a, aten.neg.default) for a in nx.ancestors(G.g, n) & between)]
     if not ropes:   # no RoPE (learned positions, ALiBi): the first [batch, heads, seq, head_dim] value
-        heads = [n for n in sorted(between, key=G.order.get) if len(sh := _shape(n) or ()) == 4
+        heads = [n for n in sorted(between, key=G.order.get) if len(sh := node_shape(n) or ()) == 4
                  and sh[-1] == head_dim and isinstance(sh[1], int) and not isinstance(sh[2], int)]
         return heads[0] if heads else None
     cur = max(ropes, key=lambda n: n.meta.get(meta.HANDLE, 0))
-    while (_shape(cur) or (0,))[-1] != head_dim:
+    while (node_shape(cur) or (0,))[-1] != head_dim:
         nxt = [u for u in cur.users if u in between]
         if len(nxt) != 1:
             raise StructureError(cur, "one path from RoPE to the attention input")
@@ -454,7 +485,7 @@ def _attention(ir, sdpa, G, linears, norms) -> Attention:
     outs = G.nearest(sdpa, True, lambda m: m.name in linears)
     if len(outs) != 1:
         raise StructureError(sdpa, "one output projection after attention")
-    qs = _shape(q_in)
+    qs = node_shape(q_in)
     if not qs or len(qs) != 4:
         raise StructureError(q_in, "a [batch, heads, seq, head_dim] query")
     n_heads, head_dim = int(qs[1]), int(qs[3])
@@ -487,7 +518,7 @@ def _head_rows(ir, G, lin: Linear, end: fx.Node, head_dim: int) -> torch.Tensor:
     whole heads counts; where they begin before any (a norm over all of k), an unfused projection
     gives all its rows. A head repeated for grouped queries counts once."""
     between = (nx.descendants(G.g, lin.node) & nx.ancestors(G.g, end)) | {end}
-    shape = [d if isinstance(d, int) else 1 for d in _shape(lin.node) or (lin.out_features,)]
+    shape = [d if isinstance(d, int) else 1 for d in node_shape(lin.node) or (lin.out_features,)]
     vals = {lin.node: torch.arange(shape[-1]).expand(shape)}
 
     def value(a):
@@ -519,14 +550,28 @@ def _head_rows(ir, G, lin: Linear, end: fx.Node, head_dim: int) -> torch.Tensor:
 
 
 def _mlp(norm, branch_out, G, linears) -> MLP:
-    down = _one_linear(G, branch_out, linears, "MLP down") if branch_out.name not in linears else linears[branch_out.name]
+    if branch_out.name in linears:
+        down = linears[branch_out.name]
+    else:   # the linear writing the stream's width (an MoE's router, read through the routing weights, does not)
+        found = G.nearest(branch_out, False, lambda m: m.name in linears)
+        found = [m for m in found if len(found) == 1 or linears[m.name].out_features == (node_shape(branch_out) or (0,))[-1]]
+        if len(found) != 1:
+            raise StructureError(branch_out, f"one MLP down linear feeding it, found {len(found)}")
+        down = linears[found[0].name]
     inside = nx.descendants(G.g, norm.output) & nx.ancestors(G.g, down.node)
     ins = [c for c in norm.consumers if c.node in inside]   # a norm shared with a parallel attention feeds q/k/v too
+    router = None
+    if down.experts:   # routed experts: the one plain linear reading the pre-norm picks them
+        routers = [c for c in ins if not c.experts]
+        if len(routers) != 1:
+            raise StructureError(down.node, f"one router linear beside the experts, found {len(routers)}")
+        router, ins = routers[0], [c for c in ins if c.experts]
+        inside = {n for n in inside if any(G.depends(n, c.node) for c in ins)}
     if not ins:
         raise StructureError(norm.output, "linears reading the MLP's pre-norm")
     acts = [n for n in inside if n.op == "call_function" and n.target in ACTIVATIONS]
     if not acts and len(ins) == 1:   # one input projection, its activation spelled out (GPT-2's tanh GELU)
-        return MLP(up=ins[0], gate=None, down=down, act="elementwise")
+        return MLP(up=ins[0], gate=None, down=down, act="elementwise", router=router)
     if len(acts) != 1:
         raise StructureError(down.node, f"one activation inside the MLP, found {len(acts)}")
     act = acts[0]
@@ -534,11 +579,11 @@ def _mlp(norm, branch_out, G, linears) -> MLP:
         fused = ins[0]
         has_mul = any(_is(n, aten.mul.Tensor) for n in nx.descendants(G.g, fused.node)
                       if G.depends(down.node, n))
-        return MLP(up=fused, gate=fused if has_mul else None, down=down, act=ACTIVATIONS[act.target])
+        return MLP(up=fused, gate=fused if has_mul else None, down=down, act=ACTIVATIONS[act.target], router=router)
     if len(ins) != 2:
         raise StructureError(norm.output, f"one or two linears (gate, up) reading the MLP's pre-norm, found {len(ins)}")
     gate = [lin for lin in ins if G.depends(act, lin.node)]
     if len(gate) != 1:
         raise StructureError(act, "an activation applied to exactly one of the MLP's input projections")
     up = next(lin for lin in ins if lin is not gate[0])
-    return MLP(up=up, gate=gate[0], down=down, act=ACTIVATIONS[act.target])
+    return MLP(up=up, gate=gate[0], down=down, act=ACTIVATIONS[act.target], router=router)

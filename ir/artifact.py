@@ -38,7 +38,7 @@ import torch.fx as fx
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import formats, hadamard, meta, quant  # noqa: F401  (they register the lowbit ops graphs call)
+from . import experts, formats, hadamard, meta, quant  # noqa: F401  (they register the lowbit ops graphs call)
 from .errors import LowbitError
 from .graph import IR, ModelInfo
 from .store import Stored, unshared
@@ -55,7 +55,7 @@ FORMAT = "lowbit-artifact/1"
 ATEN_OPS = frozenset("""
     __and__ __or__ _to_copy _unsafe_view abs add add_ addmm alias all any arange argmax baddbmm bitwise_not
     bmm broadcast_to cat ceil chunk clamp clone contiguous cos cumsum detach diff div div_ dropout embedding
-    eq erf exp expand lift_fresh_copy mul_ sub_ topk
+    eq erf exp expand lift_fresh_copy mul_ sub_ topk sort histc index_put
     flatten floor floor_divide full full_like ge gelu gt index index_select layer_norm le linear log
     logical_and logical_not logical_or lt masked_fill matmul max maximum mean min minimum mm mul ne neg
     new_ones new_zeros ones ones_like permute pow reciprocal relu repeat repeat_interleave reshape rsqrt
@@ -66,7 +66,7 @@ ATEN_OPS = frozenset("""
 
 LOWBIT_OPS = frozenset("""
     dequantize dequantize_lut sparse_add matmul_nbits dequantize_blocked gather_lut scatter_add
-    lut_matmul sparse_matmul hadamard rotate_kron quantize_tokens kv_quantize kv_dequantize
+    lut_matmul sparse_matmul hadamard rotate_kron quantize_tokens kv_quantize kv_dequantize grouped_linear
 """.split())
 
 _OPERATORS = {f"operator.{f.__name__}": f for f in (operator.getitem, operator.add, operator.sub, operator.mul,

@@ -12,7 +12,7 @@ import re
 import torch
 import torch.fx as fx
 
-from . import meta
+from . import experts, meta
 from .errors import LowbitError
 from .graph import IR, ModelInfo, short_name, type_string
 
@@ -111,7 +111,25 @@ def _matmul_to_linear(gm: fx.GraphModule):
 
 
 _FUNCTIONAL = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
-               aten.mul_.Tensor: aten.mul.Tensor, aten.div_.Tensor: aten.div.Tensor}
+               aten.mul_.Tensor: aten.mul.Tensor, aten.div_.Tensor: aten.div.Tensor,
+               aten.index_put_.default: aten.index_put.default}
+
+
+def _grouped_to_linear(gm: fx.GraphModule):
+    """A grouped matmul over transposed stored expert weights, (x, W [E, N, K]^T, offsets), becomes
+    lowbit.grouped_linear(x, W, offsets): the experts in a linear's layout (ir/experts.py). The
+    inverse routing permutation, index_put_ into empty_like, is made into zeros_like + index_put."""
+    g = gm.graph
+    for n in [n for n in g.nodes if n.op == "call_function" and n.target in experts.grouped_ops()]:
+        x, wt, offs = n.args[:3]
+        if (len(n.args) == 3 and not n.kwargs and isinstance(wt, fx.Node) and wt.target is aten.transpose.int
+                and len(wt.users) == 1 and sorted(a % 3 for a in wt.args[1:]) == [1, 2]
+                and wt.args[0].op == "get_attr" and _attr(gm, wt.args[0].target).dim() == 3):
+            n.target, n.args = torch.ops.lowbit.grouped_linear.default, (x, wt.args[0], offs)
+            g.erase_node(wt)
+    for n in [n for n in g.nodes if n.op == "call_function" and n.target is aten.empty_like.default]:
+        if n.users and all(u.target is aten.index_put_.default and u.args[0] is n for u in n.users):
+            n.target = aten.zeros_like.default
 
 
 def _inplace_to_functional(g: fx.Graph):
@@ -128,6 +146,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
     _addmm_to_linear(gm)
     _matmul_to_linear(gm)
+    _grouped_to_linear(gm)
     _inplace_to_functional(g)
     for n in list(g.nodes):
         if n.op == "call_module" and n.target == "_guards_fn" or n.op == "call_function" and n.target in _DROP:
@@ -171,6 +190,8 @@ def annotate(gm: fx.GraphModule):
             path = _module_path(n)
             if path:
                 n.meta[meta.MODULE] = path
+        if n.op == "call_function" and n.target is torch.ops.lowbit.grouped_linear.default:   # named by its weight
+            n.meta[meta.MODULE] = short_name(n.args[1].target)
         if n.op == "get_attr":
             n.meta[meta.TYPE] = type_string(_attr(gm, n.target))
         for k in ("stack_trace", "from_node", "source_fn_stack", "torch_fn", "nn_module_stack"):

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import meta, quant
+from .analysis import node_shape
 from .errors import LowbitError
 from .graph import IR
 
@@ -68,7 +69,12 @@ def _positions(d: IR) -> tuple[fx.Node, int]:
     the graph, which must count positions with step 1), or what RoPE turns into angles."""
     emb = d.analysis.positions
     if emb is None:
-        return _rope_positions(d.graph), 0
+        try:
+            return _rope_positions(d.graph), 0
+        except LowbitError:
+            if any(_alibi(a.sdpa) is not None for a in d.analysis.attentions):
+                return None, 0   # ALiBi: positions only in the attention bias (_attend_over_cache)
+            raise
     index = emb.args[1]
     n = 5
     try:
@@ -121,6 +127,54 @@ def _rope_positions(g: fx.Graph) -> fx.Node:
     return found.pop()
 
 
+def _ancestors(n: fx.Node) -> set:
+    seen, todo = set(), [n]
+    while todo:
+        m = todo.pop()
+        for a in m.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _mask_of(sdpa: fx.Node):
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def _alibi(sdpa: fx.Node) -> fx.Node | None:
+    """The per-head bias over key positions in an attention's captured mask (ALiBi): its float
+    [batch, heads, 1, seq] ancestor, the same for every query; None for a plain mask."""
+    mask = _mask_of(sdpa)
+    if not isinstance(mask, fx.Node):
+        return None
+    found = [n for n in [mask, *_ancestors(mask)] if (t := _type(n)) and t[0][0] in "fb" and len(t[1]) == 4
+             and t[1][0] == "batch" and t[1][1].isdigit() and int(t[1][1]) > 1 and t[1][2] == "1" and t[1][3] == "seq"]
+    return max(found, key=lambda n: n.meta.get(meta.HANDLE, 0)) if found else None
+
+
+def _alibi_over_cache(g, bias: fx.Node, mask_in: fx.Node, t: fx.Node, done: dict) -> fx.Node:
+    """The ALiBi bias recomputed over the decoder's keys: it counts key positions from the
+    implicit all-ones attention mask [batch, seq] of the captured graph; that mask becomes the
+    attention_mask input [batch, past + seq] (as transformers computes it with a cache), and the
+    sequence length it is reshaped with becomes the total length."""
+    if bias in done:
+        return done[bias]
+    anc = _ancestors(bias) | {bias}
+    ones = [n for n in anc if n.target is aten.ones.default and _type(n) and _type(n)[1] == ["batch", "seq"]]
+    if len(ones) != 1:
+        raise LowbitError(f"decoder: the attention bias {bias.name} is not computed from the attention mask; "
+                          "cannot recompute it over the cache")
+    seq = {n for n in anc if n.target is aten.sym_size.int and n.args[1] == 1 and n.args[0].op == "placeholder"}
+    between = {n for n in anc if n is bias or ones[0] in _ancestors(n)}
+    for n in between:
+        n.args = fx.node.map_arg(n.args, lambda a: t if a in seq else a)
+        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: t if a in seq else a)
+    ones[0].replace_all_uses_with(mask_in)
+    done[bias] = bias
+    return bias
+
+
 def _call(g, target, *args, **kwargs):
     return g.call_function(target, args, kwargs)
 
@@ -140,16 +194,20 @@ def to_decoder(ir: IR) -> IR:
     specs = _cache_specs(atts, plan)
     mask_in, pos_in, past, last = _inputs(g, phs[-1], specs)
     mask, lengths = _mask_and_positions(g, last.next, phs[0], mask_in, pos_in, pos_node, offset)
-    presents = []
+    presents, biases = [], {}
     for i, (a, kv) in enumerate(zip(atts, plan)):
-        presents += _attend_over_cache(g, a, i, kv, past, mask)
+        bias = _alibi(a.sdpa)
+        if bias is not None:
+            bias = _alibi_over_cache(g, bias, mask_in, lengths[1], biases)
+        presents += _attend_over_cache(g, a, i, kv, past, mask, bias)
     out = next(n for n in g.nodes if n.op == "output")
     out.args = ((out.args[0], *presents),)
     g.eliminate_dead_code()
     # anything still counting positions from the captured sequence length would ignore the past
+    # (an arange over the tokens of the batch, an MoE's routed rows, counts no positions)
     for n in g.nodes:
         if n.op == "call_function" and n.target is aten.arange.default and n.args and isinstance(n.args[0], fx.Node) \
-                and n.args[0] not in lengths:
+                and n.args[0] not in lengths and node_shape(n) == ("seq",):
             raise LowbitError(f"decoder: {n.name} still counts positions of the new tokens only; "
                               "cannot convert this graph to a KV-cache decoder")
     g.lint()
@@ -198,7 +256,7 @@ def _mask_and_positions(g, before, ids, mask_in, pos_in, pos_node, offset: int =
     with g.inserting_before(before):
         # positions: [B, S] with as many trailing unit dims as the captured position tensor had
         p = _call(g, aten.add.Tensor, pos_in, offset) if offset else pos_in
-        for _ in range(len(_type(pos_node)[1]) - 2):
+        for _ in range(len(_type(pos_node)[1]) - 2 if pos_node is not None else 0):
             p = _call(g, aten.unsqueeze.default, p, -1)
         s = _call(g, aten.sym_size.int, ids, 1)
         t = _call(g, aten.sym_size.int, mask_in, 1)
@@ -211,14 +269,20 @@ def _mask_and_positions(g, before, ids, mask_in, pos_in, pos_node, offset: int =
         pad = _call(g, aten.ne.Scalar, mask_in, 0)
         pad = _call(g, aten.unsqueeze.default, _call(g, aten.unsqueeze.default, pad, 1), 2)
         mask = _call(g, aten.logical_or.default, _call(g, aten.logical_and.default, causal, pad), diag)
-    pos_node.replace_all_uses_with(p)
+    if pos_node is not None:
+        pos_node.replace_all_uses_with(p)
     return mask, (s, t)
 
 
-def _attend_over_cache(g, a, i: int, kv, past: dict, mask) -> list[fx.Node]:
+def _attend_over_cache(g, a, i: int, kv, past: dict, mask, alibi=None) -> list[fx.Node]:
     """Attention `a` reads the past keys and values concatenated with the new ones (dequantized,
-    when the cache holds codes), under the decoder's mask; returns the present cache tensors."""
+    when the cache holds codes), under the decoder's mask (with ALiBi: the bias where the mask
+    allows, the lowest float elsewhere); returns the present cache tensors."""
     sdpa, presents, new_kv = a.sdpa, [], []
+    if alibi is not None:
+        with g.inserting_before(sdpa):
+            mask = _call(g, aten.masked_fill.Scalar, alibi, _call(g, aten.logical_not.default, mask),
+                         torch.finfo(torch.float32).min)
     for kind, (src, qargs) in zip(("key", "value"), kv):
         name = f"{i}.{kind}"
         with g.inserting_before(sdpa):

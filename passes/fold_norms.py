@@ -27,7 +27,13 @@ class FoldNorms(Pass):
         folded, untied, skipped = [], [], {}
         # find: norms that still carry a scale or shift; check: every user is a linear reading it as input
         for norm in norms:
+            if self._into_table(ir, norm):
+                folded.append(norm.name)
+                continue
             if norm.weight is None and norm.bias is None:
+                continue
+            if norm.bias is not None and any(lin.experts for lin in norm.consumers):
+                skipped[norm.name] = "a LayerNorm's shift cannot fold into experts (a grouped linear has no bias)"
                 continue
             if norm.other_users or not norm.consumers:
                 what = norm.other_users[0] if norm.other_users else None
@@ -51,12 +57,38 @@ class FoldNorms(Pass):
         return PassResult(True, {"folded": len(folded), "untied": untied, "skipped": skipped})
 
     @staticmethod
+    def _into_table(ir, norm) -> bool:
+        """A norm reading only an embedding lookup (BLOOM's word_embeddings_layernorm) is a function
+        of the token alone: the table becomes its rows normalized (scale and shift included, in
+        float64), read by the lookup in place of the norm (a copy if the table is also read
+        elsewhere, a tied lm_head)."""
+        emb = norm.input
+        if not (emb.target is torch.ops.aten.embedding.default and emb.args[0].op == "get_attr"
+                and all(u in (norm.normalized, *norm.normalized.all_input_nodes) or u.target is torch.ops.aten.pow.Tensor_Scalar
+                        for u in emb.users)):
+            return False
+        t = ir.tensor(emb.args[0].target).double()
+        w = ir.tensor(norm.weight).double() + norm.offset if norm.weight else None
+        b = ir.tensor(norm.bias).double() if norm.bias else None
+        if norm.kind == "layer":
+            t = torch.nn.functional.layer_norm(t, t.shape[-1:], w, b, norm.eps)
+        else:
+            t = t * torch.rsqrt(t.square().mean(-1, keepdim=True) + norm.eps) * (1 if w is None else w)
+        table = emb.args[0]
+        if len(table.users) > 1:
+            emb.replace_input_with(table, ir.param(f"{table.target.rsplit('.', 1)[0]}.normed", t.float(), emb))
+        else:
+            ir.set_tensor(table.target, t.float())
+        norm.output.replace_all_uses_with(emb)
+        return True
+
+    @staticmethod
     def _fold_into(ir, norm, lin) -> list[str]:
         """W (n g + b) + c = (W diag(g)) n + (c + W b), computed in float64. A weight or bias that
         other nodes read too (a tied lm_head) gets its own folded copy; returns the linears untied."""
         w_node = lin.node.args[1]
         w = ir.tensor(w_node.target).double()
-        scale = ir.tensor(norm.weight).double() + norm.offset if norm.weight else torch.ones(w.shape[1], dtype=w.dtype)
+        scale = ir.tensor(norm.weight).double() + norm.offset if norm.weight else torch.ones(w.shape[-1], dtype=w.dtype)
         new_w = w * scale
         untied = []
         if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.ir import meta
-from lowbit.ir.analysis import LAYOUT_OPS
+from lowbit.ir.analysis import LAYOUT_OPS, node_shape
 from lowbit.ir.hadamard import random_hadamard, random_orthogonal, random_signs, rotate_kron, supported
 
 from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
@@ -118,9 +118,9 @@ def center_stream(ir, s) -> int:
     for target in {s.embedding_weight, positions_table(s)} - {None}:
         center(target, 1)
     for lin in stream_writers(s):
-        center(lin.weight, 0)
+        center(lin.weight, -2)   # output rows (of each expert)
         if lin.bias:
-            center(lin.bias, 0)
+            center(lin.bias, -1)
     for n in norms:
         ln, x, typ = n.normalized, n.input, n.normalized.meta.get(meta.TYPE, "")
         one = re.sub(r",[^,\]]+\]$", ",1]", typ)
@@ -278,6 +278,9 @@ def check_rotatable(s):
     """find/check: norms reading the stream are pure normalizations, each branch ends in its
     writer linear (or a post-norm right after it), the embedding scale (if any) is a scalar, and
     nothing else reads the stream."""
+    if s.embedding_norm is not None:
+        raise PassFailure(f"needs folded norms: the embedding's norm '{s.embedding_norm.name}' is the stream's first "
+                          "value (run fold-norms first: it folds into the embedding table)", s.embedding_norm.output)
     for norm in stream_norms(s):
         if norm.weight is not None or norm.bias is not None:
             raise PassFailure(f"needs folded norms: '{norm.name}' still scales the stream (run fold-norms first)",
@@ -323,13 +326,36 @@ def check_rotatable(s):
 
 
 def _summands(n: fx.Node) -> list[fx.Node]:
-    """The terms of a sum of nodes (a parallel block's branches), each looked through a product
-    with a number (Granite's residual multiplier: it commutes with R1), or [n]."""
+    """The terms of a sum of nodes (a parallel block's branches), each looked back through ops that
+    commute with R1, or [n]."""
+    n = _behind_row_ops(n)
     if n.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
         return _summands(n.args[0]) + _summands(n.args[1])
-    if n.target is aten.mul.Tensor and isinstance(n.args[1], (int, float)):
-        return _summands(n.args[0])
     return [n]
+
+
+def _behind_row_ops(n: fx.Node) -> fx.Node:
+    """n looked back through ops that move or scale whole rows and leave the channels alone, so
+    they commute with a rotation of the last dim: a product with a number (Granite's residual
+    multiplier) or with one value per row (an MoE's routing weights), views keeping the last dim,
+    row gathers and sums over other dims (the experts' outputs put back in token order and added)."""
+    def width(a):
+        return (node_shape(a) or (None,))[-1] if isinstance(a, fx.Node) else 1
+    while True:
+        w, a = width(n), n.args[0] if n.args else None
+        if n.target is aten.mul.Tensor:
+            full = [x for x in n.args[:2] if isinstance(x, fx.Node) and width(x) == w]
+            rest = [x for x in n.args[:2] if not (isinstance(x, fx.Node) and width(x) == w)]
+            if len(full) != 1 or len(rest) != 1 or width(rest[0]) != 1:
+                return n
+            n = full[0]
+        elif (n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and width(a) == w
+              or n.target is aten.index.Tensor and len(n.args[1]) == 1 and len(node_shape(a) or ()) == 2
+              or n.target is aten.sum.dim_IntList and all(d % len(node_shape(a) or (0,)) != len(node_shape(a)) - 1
+                                                          for d in n.args[1])):
+            n = a
+        else:
+            return n
 
 
 def check_head_path(a):

@@ -2,9 +2,13 @@
 column-by-column quantizer with error feedback through the inverse Hessian."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from lowbit.ir.experts import expert_rows, grouped_linear
+from lowbit.ir.formats import Packed
 from lowbit.ir.store import OnDemand
 
 from .base import all_sum, my_share
@@ -63,6 +67,37 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     return out
 
 
+@dataclass
+class ExpertHessians:
+    """An expert stack's Hessians, one per expert from the rows routed to it (None where no row
+    was: that expert is rounded to nearest, as a weight without data), and those row counts."""
+    h: list[torch.Tensor | None]
+    rows: list[int]
+
+    @classmethod
+    def of(cls, x: torch.Tensor, offsets: torch.Tensor) -> "ExpertHessians":
+        hs, rows = [], []
+        for s, e in expert_rows(offsets):
+            flat = x[s:e].double()
+            n = int(all_sum(torch.tensor([e - s], dtype=torch.float64)).item())
+            h = all_sum(flat.T @ flat)
+            hs.append(h * 2 / n if n else None)
+            rows.append(n)
+        return cls(hs, rows)
+
+    def quantize(self, quantize, w: torch.Tensor, sens) -> Packed:
+        """quantize(w_e, h_e, sens_e) -> Packed for each expert's rows of w [E*N, K]; their packed
+        tensors stacked in the same row order (every format here stores per row)."""
+        n = w.shape[0] // len(self.h)
+        parts = [quantize(w[i * n:(i + 1) * n], h, None if sens is None else sens[i * n:(i + 1) * n])
+                 for i, h in enumerate(self.h)]
+        first = parts[0]
+        if any(p.format is not first.format or p.consts != first.consts for p in parts):
+            raise ValueError("experts quantized to different layouts cannot share one stack")
+        tensors = {k: None if t is None else torch.cat([p.tensors[k] for p in parts]) for k, t in first.tensors.items()}
+        return Packed(first.format, tensors, first.consts, {**first.info, "expert_rows": self.rows})
+
+
 class _Calibrate(OnDemand):
     """Runs the graph on the whole calibration batch node by node; at the first linear to quantize
     reading an input it accumulates H from that input and calls `quantize(group, h) -> {node:
@@ -86,18 +121,23 @@ class _Calibrate(OnDemand):
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x, w = args[0], args[1]
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        grouped = n.target is grouped_linear._opoverload   # an expert stack: args[2] holds the offsets
+        bias = None if grouped else args[2] if len(args) > 2 else kwargs.get("bias")
         if n not in self.w_hat:
             group = sorted((u for u in n.args[0].users if u in self.targets), key=self.order.get)
             h = None
             if any(u not in self.known for u in group):   # with several processes: each holds a share of the windows, H sums them
-                flat = x.reshape(-1, x.shape[-1]).double()
-                rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
-                h = all_sum(flat.T @ flat) * 2 / rows
+                if grouped:
+                    h = ExpertHessians.of(x, args[2])
+                else:
+                    flat = x.reshape(-1, x.shape[-1]).double()
+                    rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
+                    h = all_sum(flat.T @ flat) * 2 / rows
             self.w_hat.update(self.quantize(group, h))
         w_hat = self.w_hat.pop(n).to(w.dtype)
         self.targets.discard(n)
-        out = F.linear(x, w_hat if self.sequential else w, bias)
+        w = w_hat if self.sequential else w
+        out = grouped_linear(x, w, args[2]) if grouped else F.linear(x, w, bias)
         if not self.targets:
             raise self.Done
         return out

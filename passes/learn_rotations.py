@@ -106,7 +106,7 @@ def _r1_terms(ir, s, a, quant_a, r1) -> list[Term]:
     roles = linear_roles(s)
     terms = []
     for n in [b.norm for b in s.blocks] + ([s.final_norm] if a.lm_head else []):
-        ws = [ir.tensor(lin.weight).float() for lin in n.consumers
+        ws = [ir.tensor(lin.weight).float().reshape(lin.rows, -1) for lin in n.consumers   # experts: all rows
               if roles.get(lin.node) not in a.skipped and (a.lm_head or lin is not s.lm_head)]
         if ws:
             terms.append(Term(n.output, None, _out_energy(torch.cat(ws)), lambda x: quant_a(x @ r1) @ r1.T))
@@ -300,12 +300,13 @@ class LearnRotations(Pass):
             params = dict(new)
             for lin in quantized:
                 w = new.get(lin.weight, get(lin.weight))
+                fq = lambda v, lin=lin: fake_quantize(v.reshape(lin.rows, -1), spec).reshape(v.shape)   # noqa: E731
                 if lin.weight in downs:   # R4 is fused into down before quantization
-                    h = h4[w.shape[1]]
-                    wq = fake_quantize(w @ h, spec)
+                    h = h4[w.shape[-1]]
+                    wq = fq(w @ h)
                     params[lin.weight] = wq if online else wq @ h.T
                 else:
-                    params[lin.weight] = fake_quantize(w, spec)
+                    params[lin.weight] = fq(w)
             logits = torch.func.functional_call(gm, params, (ids,))
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
@@ -402,13 +403,17 @@ class LearnRotations(Pass):
 
     def _down_terms(self, ir, s, quant_a, r4s, smooth) -> list[Term]:
         """Learned R4, per MLP: the down projection's input, with learned scales (smooth=true, gated
-        MLPs with separate gate and up)."""
+        MLPs with separate gate and up). Not for routed experts (their R4 stays the Hadamard it
+        starts from)."""
         terms = []
         home = {id(b.mlp): b.norm.input for b in s.blocks if b.mlp}
         for i, (m, (a4, b4)) in enumerate(zip(s.mlps, r4s)):
+            if m.down.experts:   # routed rows, sorted by expert, are not one per token: R4 keeps its start
+                continue
             sd = smooth.setdefault(smooth_down(i), torch.zeros(m.down.in_features, requires_grad=True)) \
                 if self.config.smooth and m.gate is not None and not m.fused_gate_up else None
-            terms.append(Term(m.down.node.args[0], None, _out_energy(ir.tensor(m.down.weight).float()),
+            wd = ir.tensor(m.down.weight).float().reshape(m.down.rows, -1)   # experts: every expert's rows
+            terms.append(Term(m.down.node.args[0], None, _out_energy(wd),
                               _scaled(lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4,
                                                                           inverse=True), sd),
                               home[id(m)]))

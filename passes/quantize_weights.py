@@ -17,7 +17,7 @@ from lowbit.ir.formats.sparse import csr_rows
 from lowbit.ir.formats.uniform import QuantSpec
 
 from .base import Lossy, Pass, PassContext, PassFailure, PassResult, ranks, register
-from .gptq import calibrate_and_quantize, gptq, gptq_columns
+from .gptq import ExpertHessians, calibrate_and_quantize, gptq, gptq_columns
 from .instruments import sqnr_db
 from .sensitivity import fisher
 
@@ -117,6 +117,8 @@ def _rtn(s: RTN, w, h, sens) -> Packed:
 
 @quantizer(GPTQ)
 def _gptq(s: GPTQ, w, h, sens) -> Packed:
+    if h is None:   # no calibration row reached it (an expert no token was routed to)
+        return _rtn(RTN(s.spec, s.clip), w, h, sens)
     return uniform.packed(*gptq(w, h, s.spec, s.damp, s.act_order, clip=s.clip), s.spec)
 
 
@@ -277,8 +279,12 @@ class QuantizeWeights(Pass):
             if done is not None:
                 resumed.append(lin.name)
                 return adopt(lin, *done), None, None
-            w = ir.tensor(lin.weight).float()    # the dense part, when the linear is split
-            p = quantize(scheme, w, h, self._sensitivity(ir, lin, fish) if scheme.fisher else None)
+            w = ir.tensor(lin.weight).float().reshape(lin.rows, -1)   # the dense part, when the linear is split
+            sens = self._sensitivity(ir, lin, fish) if scheme.fisher else None
+            if isinstance(h, ExpertHessians):   # each expert with its own rows' H
+                p = h.quantize(lambda *a: quantize(scheme, *a), w, sens)
+            else:
+                p = quantize(scheme, w, h, sens)
             w_hat = p.w_hat()
             if lin.sparse:   # the whole weight (dense plus sparse): what the SQNR compares, what runs on
                 w, w_hat = self._absorb(ir, lin, w, w_hat)
@@ -355,11 +361,19 @@ class QuantizeWeights(Pass):
             g = q.info["group"]
             partial += g != -1 and q.shape[1] % g != 0
         vals = list(sqnrs.values())
+        # experts: calibration rows each one received (GPTQ); those with none were rounded to nearest
+        routed = {lin.name: stored[lin.node].info["expert_rows"] for lin in todo if "expert_rows" in stored[lin.node].info}
         stats = {"linears": len(todo), "weights": n_weights, "bits_per_weight": round(8 * n_bytes / n_weights, 4),
                  "partial_last_group": int(partial), "weight_sqnr_db_min": min(vals),
                  "weight_sqnr_db_mean": round(sum(vals) / len(vals), 2), "weight_sqnr_db": sqnrs}
         if groups:
             stats["groups"] = groups
+        if routed:
+            unseen = sum(r == 0 for rows in routed.values() for r in rows)
+            stats.update(expert_rows=routed, experts_without_rows=unseen)
+            if unseen:
+                log.warning("quantize-weights: %d experts received no calibration rows and were rounded to nearest "
+                            "(more calibration text reaches more of them)", unseen)
         return stats
 
     @staticmethod
@@ -391,6 +405,6 @@ def _plus_sparse(ir, lin, dense_hat: torch.Tensor) -> torch.Tensor:
 
 def _sparse_mask(ir, lin) -> torch.Tensor:
     crow, col, _ = (ir.tensor(t) for t in lin.sparse)
-    mask = torch.zeros(lin.out_features, lin.in_features, dtype=torch.bool)
+    mask = torch.zeros(lin.rows, lin.in_features, dtype=torch.bool)
     mask[csr_rows(crow), col.long()] = True
     return mask

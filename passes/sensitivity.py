@@ -11,7 +11,7 @@ from .base import PassContext, PassFailure, all_sum, my_share
 
 
 def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
-    """{linear node name: F [N, K] float32} for every linear with an unquantized weight,
+    """{linear node name: F [N, K] float32 (an expert stack's rows stacked)} for every linear with an unquantized weight,
     computed once per compile on the weights as they are when first asked (later passes share it).
     Gradients flow through lowbit.sparse_add, so a weight already split still gets its Fisher."""
     key = ("fisher", samples)
@@ -30,5 +30,5 @@ def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
         grads = torch.autograd.grad(loss, list(params.values()))
         for t, g in zip(params, grads):
             acc[t] += g.square()
-    ir.scratch[key] = {lin.node.name: all_sum(acc[lin.weight]) for lin in lins}
+    ir.scratch[key] = {lin.node.name: all_sum(acc[lin.weight]).reshape(lin.rows, -1) for lin in lins}
     return ir.scratch[key]

@@ -43,7 +43,7 @@ class SplitOutliers(Pass):
         fish = fisher(ir, ctx, c.samples) if c.sensitive > 0 else {}
         nnz = total = 0
         for lin in todo:
-            w = ir.tensor(lin.weight).float()
+            w = ir.tensor(lin.weight).float().reshape(lin.rows, -1)   # experts: their rows stacked
             if not torch.isfinite(w).all():
                 raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
             mask = torch.zeros(w.numel(), dtype=torch.bool)
@@ -65,6 +65,6 @@ class SplitOutliers(Pass):
             total += w.numel()
         ir.remove_dead()
         ir.changed()
-        crow_bytes = 4 * sum(lin.out_features + 1 for lin in todo)
+        crow_bytes = 4 * sum(lin.rows + 1 for lin in todo)
         return PassResult(True, {"linears": len(todo), "nnz": nnz, "density": round(nnz / total, 6),
                                  "sparse_bits_per_weight": round(8 * (6 * nnz + crow_bytes) / total, 4)})

@@ -10,9 +10,10 @@ DATA = Path(os.environ.get("LOWBIT_DATA", Path(__file__).resolve().parents[1].pa
 STORIES = DATA / "stories260K" / "stories260K.bin"
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
-# families whose structure (LayerNorm, learned positions, parallel residuals, post-norms, MoE) the
-# analysis does not read yet: they capture, and every pass that needs only the linears runs on them
-MORE_FAMILIES = ["gpt2", "opt", "gpt_neox", "stablelm", "olmo2", "gemma3_text", "falcon", "granite", "mixtral"]
+# families built from other parts: LayerNorm, learned positions, parallel residuals, post-norms,
+# scalars on the stream, mixture of experts (routed only; routed beside a gated shared expert)
+MORE_FAMILIES = ["gpt2", "opt", "gpt_neox", "stablelm", "olmo2", "gemma3_text", "falcon", "falcon_alibi", "granite",
+                 "mixtral", "qwen2_moe"]
 
 
 def need_data(*parts) -> Path:
@@ -22,8 +23,12 @@ def need_data(*parts) -> Path:
     return p
 
 
+VARIANTS = {"falcon_alibi": ("falcon", {"alibi": True})}   # a family's config with other parts (ALiBi)
+
+
 def tiny_config(family: str):
     from transformers import AutoConfig
+    family, extra = VARIANTS.get(family, (family, {}))
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
               eos_token_id=2)
@@ -31,6 +36,8 @@ def tiny_config(family: str):
         kw["sliding_window"] = None
     if family == "gpt2":
         kw = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    if family == "bloom":   # ALiBi, a norm right after the embedding, q/k/v interleaved per head
+        kw = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "opt":
         kw.update(ffn_dim=96, word_embed_proj_dim=64)
     if family == "falcon":
@@ -38,9 +45,12 @@ def tiny_config(family: str):
         kw.update(new_decoder_architecture=True, num_kv_heads=2)
     if family == "mixtral":
         kw.update(num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                  decoder_sparse_step=1, mlp_only_layers=[])
     if family == "granite":   # scalars on the stream: embedding, residual, attention and logit multipliers
         kw.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0)
-    return AutoConfig.for_model(family, **kw)
+    return AutoConfig.for_model(family, **{**kw, **extra})
 
 
 def tiny_model(family: str, seed: int = 0, **config):
@@ -80,7 +90,8 @@ def tiny_ir(family: str, seed: int = 0):
     from lowbit.ir.capture import capture
     from lowbit.ir.graph import ModelInfo
     model = tiny_model(family, seed)
-    info = ModelInfo(family, model.config.vocab_size, model.config.max_position_embeddings, f"tiny-{family}", "")
+    info = ModelInfo(family, model.config.vocab_size, getattr(model.config, "max_position_embeddings", 128),
+                     f"tiny-{family}", "")
     return capture(model, info), model
 
 

@@ -204,8 +204,7 @@ def test_fuzzed_graphs_load_cleanly_or_run(clean_artifact, tmp_path):
 
 def test_every_op_of_the_test_families_is_loadable():
     """The allow-list covers what captures of the test families produce (a family whose capture
-    needs a new op fails here, not in a user's load). MoE captures route tokens with in-place ops
-    and a grouped matmul from transformers: their artifacts are refused by name, not loaded."""
+    needs a new op fails here, not in a user's load)."""
     from lowbit.ir.artifact import _resolve_target, _target_name
     from models import FAMILIES, MORE_FAMILIES, tiny_ir
     for family in FAMILIES + MORE_FAMILIES:
@@ -217,9 +216,7 @@ def test_every_op_of_the_test_families_is_loadable():
                     assert _resolve_target(_target_name(n.target)) is n.target, (family, n.target)
                 except LowbitError:
                     refused.add(_target_name(n.target))
-        assert refused == (set() if family != "mixtral" else {
-            "torch.ops.aten.empty_like.default", "torch.ops.aten.histc.default", "torch.ops.aten.sort.default",
-            "torch.ops.aten.index_put_.default", "torch.ops.transformers.grouped_mm_fallback.default"}), (family, refused)
+        assert not refused, (family, refused)
 
 
 def test_partial_directories_of_killed_compiles_are_removed(stories_ir, tmp_path):

@@ -130,8 +130,7 @@ def test_before_expected():
 def test_every_linear_of_any_captured_model(family, pipeline):
     """FineQuant and SqueezeLLM (RTN and GPTQ: test_families.py) need only the linears (and which
     one is lm_head), found on any captured graph:
-    GPT-2's Conv1D and Falcon's x @ W.T arrive as linears. MoE experts multiplied by a grouped
-    matmul over 3-D weights are not linears: they stay in float and the pass says so."""
+    GPT-2's Conv1D and Falcon's x @ W.T arrive as linears, MoE experts as one grouped linear per stack."""
     ir, model = tiny_ir(family)
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -142,6 +141,46 @@ def test_every_linear_of_any_captured_model(family, pipeline):
     st = ir.stats[-1]
     assert st["linears"] == n - 1 >= 8 and ir.linears.lm_head.module == "lm_head"
     assert sqnr_db(ref, ir(x)) > 8   # measured 10.7-58 dB on these random-weight models (broken packing: ~0)
-    experts = st.get("not_quantized", {})
-    assert (len(experts) == 4 and all("experts" in why for why in experts.values())) == (family == "mixtral")
-    assert family == "mixtral" or not experts
+    assert not st.get("not_quantized")
+
+
+def test_gptq_quantizes_each_expert_with_its_own_rows():
+    """An expert stack [E*N, K]: each expert's rows by GPTQ with the H of the rows routed to it;
+    an expert that received none is rounded to nearest, and the row counts are reported."""
+    from lowbit.ir.formats.uniform import QuantSpec
+    from lowbit.passes.gptq import ExpertHessians
+    from lowbit.passes.quantize_weights import GPTQ, QUANTIZERS, RTN
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3 * 8, 32, generator=g), torch.randn(40, 32, generator=g)
+    spec = QuantSpec(4, 16, False)
+    gptq = lambda w, h, sens: QUANTIZERS[GPTQ](GPTQ(spec), w, h, sens)   # noqa: E731
+    experts = ExpertHessians.of(x, torch.tensor([25, 25, 40]))             # expert 1: no rows
+    p = experts.quantize(gptq, w, None)
+    assert experts.rows == [25, 0, 15] and p.info["expert_rows"] == [25, 0, 15]
+    w_hat = p.w_hat()
+    for e, (a, b) in enumerate([(0, 25), (25, 25), (25, 40)]):
+        part, xe = w[8 * e:8 * (e + 1)], x[a:b].double()
+        alone = QUANTIZERS[RTN](RTN(spec), part, None, None) if a == b else gptq(part, 2 * xe.T @ xe / (b - a), None)
+        assert torch.equal(w_hat[8 * e:8 * (e + 1)], alone.w_hat())
+    assert not torch.equal(w_hat[:8], QUANTIZERS[RTN](RTN(spec), w[:8], None, None).w_hat())   # GPTQ, not RTN
+
+
+def test_mixture_of_experts_compiles_from_disk_and_reloads(tmp_path, capsys):
+    """A Mixtral checkpoint compiled through the CLI (GPTQ on every expert stack, rotations through
+    the router and the experts), saved, loaded back, and evaluated; the manifest reports the
+    calibration rows each expert received."""
+    import json
+    from models import run_cli, tiny_hf_dir
+    tiny_hf_dir(tmp_path / "moe", "mixtral")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog " * 200)
+    code, out, err = run_cli(capsys, "compile", str(tmp_path / "moe"), "--recipe", "quarot-w4-gptq",
+                             "--calib", str(calib), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    passes = json.loads((tmp_path / "a" / "manifest.json").read_text())["passes"]
+    q = passes[-1]
+    assert q["pass"].startswith("quantize-weights") and q["linears"] == 14   # 4 attention + router + 2 stacks, twice
+    assert len(q["expert_rows"]) == 4 and all(len(r) == 4 and sum(r) > 0 for r in q["expert_rows"].values())
+    assert q["experts_without_rows"] == sum(r == 0 for rows in q["expert_rows"].values() for r in rows)
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "a"), "--text", str(calib), "--ctx", "64")
+    assert code == 0, err
