@@ -569,6 +569,9 @@ def _mlp(norm, branch_out, G, linears) -> MLP:
         inside = {n for n in inside if any(G.depends(n, c.node) for c in ins)}
     if not ins:
         raise StructureError(norm.output, "linears reading the MLP's pre-norm")
+    soft = [n for n in inside if _is(n, aten.softmax.int, aten._softmax.default)]
+    if soft:   # attention the capture could not make one op of: not an MLP
+        raise StructureError(soft[0], "attention as one scaled_dot_product_attention, not a softmax between matmuls")
     acts = [n for n in inside if n.op == "call_function" and n.target in ACTIVATIONS]
     if not acts and len(ins) == 1:   # one input projection, its activation spelled out (GPT-2's tanh GELU)
         return MLP(up=ins[0], gate=None, down=down, act="elementwise", router=router)

@@ -132,6 +132,92 @@ def _grouped_to_linear(gm: fx.GraphModule):
             n.target = aten.zeros_like.default
 
 
+_MATMULS = {aten.bmm.default, aten.matmul.default, aten.baddbmm.default}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _heads(n):
+    """The [batch, heads, seq, dim] tensor a [batch*heads, seq, dim] one was reshaped from (or n)."""
+    if n.target in _RESHAPES and n.args[0].meta["val"].dim() == 4 and n.meta["val"].dim() == 3:
+        return n.args[0]
+    return n if n.meta["val"].dim() == 4 else None
+
+
+def _eager_attention_to_sdpa(g: fx.Graph):
+    """Attention spelled out in matmuls (BLOOM, MPT): softmax(c * (q k^T) + masks) v, with the
+    scores in [batch*heads, ...] or [batch, heads, ...], becomes one scaled_dot_product_attention
+    whose attn_mask sums the masks (baddbmm's bias, ALiBi, included), each times the scale applied
+    after it; the analysis and the decoder then read it as any attention."""
+    from torch._guards import detect_fake_mode
+    for sm in [n for n in g.nodes if n.op == "call_function" and n.target is aten.softmax.int and n.args[1] in (-1, 3)]:
+        coef, masks, x = 1.0, [], sm.args[0]
+        while True:   # back from the softmax to the q k^T product
+            if x.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in x.args[:2]):
+                inner = [a for a in x.args[:2] if any(m.target in _MATMULS for m in _ancestors_to(a, _MATMULS))]
+                if len(inner) != 1:
+                    break
+                masks.append((coef, next(a for a in x.args[:2] if a is not inner[0])))
+                x = inner[0]
+            elif x.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
+                coef = coef * x.args[1] if x.target is aten.mul.Tensor else coef / x.args[1]
+                x = x.args[0]
+            elif x.target in _RESHAPES:
+                x = x.args[0]
+            else:
+                break
+        if x.target not in _MATMULS or len(sm.users) != 1:
+            continue
+        bias, (q, kt), alpha = None, x.args[-2:], 1.0
+        if x.target is aten.baddbmm.default:
+            if x.kwargs.get("beta", 1) != 1:
+                continue
+            bias, alpha = x.args[0], x.kwargs.get("alpha", 1)
+        y = next(iter(sm.users))
+        while y.target in _RESHAPES and len(y.users) == 1:
+            y = next(iter(y.users))
+        if y.target not in (aten.bmm.default, aten.matmul.default) or y.args[0] not in (sm, *sm.users):
+            continue
+        out = next(iter(y.users)) if y.meta["val"].dim() == 3 and len(y.users) == 1 else y
+        k = kt.args[0] if kt.target is aten.transpose.int and sorted(d % kt.meta["val"].dim() for d in kt.args[1:]) == \
+            [kt.meta["val"].dim() - 2, kt.meta["val"].dim() - 1] else None
+        q4, k4, v4 = _heads(q), k is not None and _heads(k), _heads(y.args[1])
+        if not (q4 is not None and k4 is not None and v4 is not None and out.meta["val"].dim() == 4):
+            continue
+        fake = detect_fake_mode([q4.meta["val"]])
+        heads = q4.meta["val"].shape[1]
+        with g.inserting_before(out):
+            terms = []
+            if bias is not None:   # baddbmm's [batch*heads, ., keys] bias: a per-head mask, times what scales it later
+                b4 = g.call_function(aten.unflatten.int, (bias, 0, [-1, heads]))
+                terms.append((coef, b4))
+            terms += masks
+            total = None
+            for c, m in terms:
+                m = m if c == 1 else g.call_function(aten.mul.Tensor, (m, c))
+                total = m if total is None else g.call_function(aten.add.Tensor, (total, m))
+            sdpa = g.call_function(aten.scaled_dot_product_attention.default, (q4, k4, v4, total),
+                                   {"scale": float(coef * alpha)})
+        with fake:
+            for n in [*(t[1] for t in terms), total, sdpa]:
+                if n is not None and "val" not in n.meta:
+                    n.meta["val"] = n.target(*fx.node.map_arg(n.args, lambda a: a.meta["val"]), **n.kwargs)
+        out.replace_all_uses_with(sdpa)
+    g.eliminate_dead_code()
+
+
+def _ancestors_to(n: fx.Node, stop) -> list:
+    """n's ancestors, not walking past nodes whose target is in `stop`."""
+    seen, todo = [], [n]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.append(m)
+        if m.target not in stop:
+            todo += m.all_input_nodes
+    return seen
+
+
 def _inplace_to_functional(g: fx.Graph):
     """a.add_(b) -> add(a, b) where nothing reads a after it (Falcon's mlp_output += attention):
     the same values, and an add the analysis can see."""
@@ -154,6 +240,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         elif _is_identity(n):
             n.replace_all_uses_with(n.args[0])
             g.erase_node(n)
+    _eager_attention_to_sdpa(g)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     # Plain calling convention: forward(input_ids) -> logits (torch.export emits pytree codegen).

@@ -155,22 +155,24 @@ def _alibi(sdpa: fx.Node) -> fx.Node | None:
 
 def _alibi_over_cache(g, bias: fx.Node, mask_in: fx.Node, t: fx.Node, done: dict) -> fx.Node:
     """The ALiBi bias recomputed over the decoder's keys: it counts key positions from the
-    implicit all-ones attention mask [batch, seq] of the captured graph; that mask becomes the
-    attention_mask input [batch, past + seq] (as transformers computes it with a cache), and the
-    sequence length it is reshaped with becomes the total length."""
+    implicit all-ones attention mask [batch, seq] of the captured graph (Falcon), which becomes the
+    attention_mask input [batch, past + seq], as transformers computes it with a cache, or from
+    the sequence length (BLOOM), which becomes the total length, as it does wherever the bias
+    is computed from it."""
     if bias in done:
         return done[bias]
     anc = _ancestors(bias) | {bias}
     ones = [n for n in anc if n.target is aten.ones.default and _type(n) and _type(n)[1] == ["batch", "seq"]]
-    if len(ones) != 1:
-        raise LowbitError(f"decoder: the attention bias {bias.name} is not computed from the attention mask; "
-                          "cannot recompute it over the cache")
     seq = {n for n in anc if n.target is aten.sym_size.int and n.args[1] == 1 and n.args[0].op == "placeholder"}
-    between = {n for n in anc if n is bias or ones[0] in _ancestors(n)}
+    if len(ones) > 1 or not (ones or seq):
+        raise LowbitError(f"decoder: the attention bias {bias.name} is not computed from the attention mask or the "
+                          "sequence length; cannot recompute it over the cache")
+    between = {n for n in anc if n is bias or _ancestors(n) & ({*ones} | seq)}
     for n in between:
         n.args = fx.node.map_arg(n.args, lambda a: t if a in seq else a)
         n.kwargs = fx.node.map_arg(n.kwargs, lambda a: t if a in seq else a)
-    ones[0].replace_all_uses_with(mask_in)
+    if ones:
+        ones[0].replace_all_uses_with(mask_in)
     done[bias] = bias
     return bias
 

@@ -12,8 +12,8 @@ STORIES = DATA / "stories260K" / "stories260K.bin"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
 # families built from other parts: LayerNorm, learned positions, parallel residuals, post-norms,
 # scalars on the stream, mixture of experts (routed only; routed beside a gated shared expert)
-MORE_FAMILIES = ["gpt2", "opt", "gpt_neox", "stablelm", "olmo2", "gemma3_text", "falcon", "falcon_alibi", "granite",
-                 "mixtral", "qwen2_moe"]
+MORE_FAMILIES = ["gpt2", "opt", "gpt_neox", "stablelm", "olmo2", "gemma3_text", "falcon", "falcon_alibi", "bloom",
+                 "granite", "mixtral", "qwen2_moe"]
 
 
 def need_data(*parts) -> Path:

@@ -66,3 +66,19 @@ def test_capture_exact_on_more_families(family):
         assert rel(ir(x), model(x).logits) <= 1e-5
     assert not any(n.target in (aten.addmm.default, aten.numpy_T.default) for n in ir.graph.nodes)
     assert len(ir.linears.linears) >= 9
+
+
+def test_attention_spelled_out_in_matmuls_becomes_one_attention_op():
+    """BLOOM: baddbmm(ALiBi, q, k^T) * scale, + mask, softmax, bmm with v, on [batch*heads, ...]
+    tensors, becomes scaled_dot_product_attention over [batch, heads, seq, head_dim] with the ALiBi
+    bias and the mask summed into attn_mask; the logits stay transformers'."""
+    ir, model = tiny_ir("bloom")
+    ops = [n.target for n in ir.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert ops.count(aten.scaled_dot_product_attention.default) == 2
+    assert not {aten.softmax.int, aten.bmm.default, aten.baddbmm.default} & set(ops)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+    assert ((ir(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert ir.analysis.summary()["heads"] == 4 and ir.analysis.attentions[0].fused_qkv

@@ -80,9 +80,22 @@ def test_fold_norms_on_more_families(family):
     PassManager("fold-norms").run(ir)
     assert ((ir(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     st = ir.stats[-1]
-    expect = {"olmo2": (1, 8), "gemma3_text": (5, 8)}.get(family, (5, 0))
+    expect = {"olmo2": (1, 8), "gemma3_text": (5, 8), "bloom": (6, 0)}.get(family, (5, 0))   # BLOOM: + its embedding's norm
     assert (st["folded"], len(st["skipped"])) == expect, st
     assert all("not a linear" in why for why in st["skipped"].values())
     layer_norms = [n for n in ir.graph.nodes if n.target is torch.ops.aten.layer_norm.default]
     assert all(n.args[2] is None and n.args[3] is None for n in layer_norms)
     assert not PassManager("fold-norms").run(ir)[0].modified   # nothing left to fold
+
+
+def test_a_norm_right_after_the_embedding_folds_into_the_table():
+    """BLOOM's word_embeddings_layernorm is a function of the token alone: the lookup reads the
+    normalized table (a copy: lm_head keeps reading the tied original) and the norm is gone; the
+    analysis then starts the stream at the lookup."""
+    ir, model = tiny_ir("bloom")
+    assert ir.analysis.embedding_norm is not None and ir.analysis.stream[0] is ir.analysis.embedding_norm.output
+    PassManager("fold-norms").run(ir)
+    s = ir.analysis
+    assert s.embedding_norm is None and s.stream[0] is s.embedding
+    assert s.embedding_weight.endswith(".normed") and not s.tied_embedding
+    assert sum(n.target is torch.ops.aten.layer_norm.default for n in ir.graph.nodes) == 5   # 2 per block, final
