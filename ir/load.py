@@ -144,12 +144,51 @@ def checkpoint_keys(files) -> dict[str, tuple[str, tuple[int, ...]]]:
     return keys
 
 
+def _converted(model, keys) -> dict[str, tuple[tuple[str, ...], object]]:
+    """{parameter name: (checkpoint keys, build or None)} for tensors transformers renames while
+    loading (one key, no build) or makes of several (an MoE's experts, stored one by one, stacked
+    into one parameter), found and built by transformers' own conversion mapping and operations:
+    `build(tensors)` runs them on the keys' tensors when the parameter is read."""
+    import functools
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    out, groups = {}, {}
+    for k in sorted(keys, key=dot_natural_key):   # experts in their order: 0, 1, ..., 10
+        new, pattern = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None:
+            out.setdefault(new, ((k,), None))
+        else:
+            conv = next(c for c in converters if pattern in c.source_patterns)
+            groups.setdefault(new, (conv, {}))[1].setdefault(pattern, []).append(k)
+    for n, (conv, parts) in groups.items():
+        order = [(p, parts[p]) for p in conv.source_patterns if p in parts]
+        out[n] = (tuple(k for _, ks in order for k in ks), functools.partial(_convert, conv, [(p, len(ks)) for p, ks in order], n))
+    return out
+
+
+def _convert(conv, counts, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A converted parameter from its checkpoint tensors (in `_converted`'s order): transformers'
+    operations of the converter, in turn."""
+    collected, i = {}, 0
+    for pattern, c in counts:
+        collected[pattern], i = list(tensors[i:i + c]), i + c
+    for op in conv.operations:
+        collected = op.convert(collected, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                               full_layer_name=name)
+    return next(iter(collected.values()))
+
+
 def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str | None) -> IR | None:
     """Capture an HF checkpoint without reading its weights: the model is built with its parameters
     as fake tensors (its buffers, computed from the config, are real), exported, and every
-    parameter becomes a `Stored` entry naming its tensor in the safetensors files. None when a
-    parameter has no tensor of its name and shape there (checkpoints whose names transformers
-    converts while loading): those load whole."""
+    parameter becomes a `Stored` entry naming its tensor in the safetensors files, or the tensors
+    transformers makes it of while loading (renamed ones; an MoE's experts stored one by one). None
+    when a parameter has no tensor there of its name and shape: the checkpoint loads whole."""
     from accelerate import init_empty_weights
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -166,15 +205,21 @@ def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str 
     aliases: dict[int, list[str]] = {}   # tied parameters: one tensor, several names
     for n, p in params.items():
         aliases.setdefault(id(p), []).append(n)
-    key_of = {}
+    key_of, built, converted = {}, {}, None
     for n in [*params, *(b for b, _ in model.named_buffers(remove_duplicate=False))]:
         names = aliases[id(params[n])] if n in params else [n]
         found = [k for a in names for k in (a, a.removeprefix(prefix)) if k in keys]
         if found:
             key_of[n] = found[0]
         elif n in params:
-            log.info("%s: parameter %s is not in the checkpoint under its name: loading whole", name, n)
-            return None
+            converted = _converted(model, keys) if converted is None else converted
+            parts, build = next((converted[a] for a in names if a in converted), ((), None))
+            if not parts:
+                log.info("%s: parameter %s is not in the checkpoint under its name: loading whole", name, n)
+                return None
+            key_of[n] = parts[0]
+            if build is not None:
+                built[n] = (parts, build)
     fm = FakeTensorMode(allow_non_fake_inputs=True)
     originals, fakes = list(model.parameters()), {}
     for mod in model.modules():
@@ -197,6 +242,11 @@ def capture_lazy(path: Path, tokenizer: str | None, name: str, source_hash: str 
             continue
         file, shape = keys[key_of[n]]
         turn = target in transposed
+        if n in built:   # made of several checkpoint tensors: its shape is checked when it is read
+            parts, build = built[n]
+            ir.set_tensor(target, Stored(file, key_of[n], tuple(t.shape), t.dtype, turn,
+                                         tuple((keys[k][0], k) for k in parts), build))
+            continue
         if tuple(t.shape) != (shape[::-1] if turn else shape):
             log.info("%s: %s is %s in the checkpoint, %s in the model: loading whole", name, n, shape, tuple(t.shape))
             return None

@@ -17,15 +17,23 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.fx as fx
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import LowbitError
+
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                       "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
                       "I64": torch.int64, "BOOL": torch.bool}
+
+
+def _read(file: str, key: str) -> torch.Tensor:
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,16 +51,24 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class Stored:
     """A tensor in a safetensors file: `read()` returns it as `dtype` (a 16-bit checkpoint widens to
-    float32 exactly), transposed where capture stored the weight transposed (GPT-2's Conv1D)."""
+    float32 exactly), transposed where capture stored the weight transposed (GPT-2's Conv1D); or
+    made by `build` of several (`parts`: (file, key) each; an MoE's experts stacked)."""
     file: str
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     transpose: bool = False
+    parts: tuple = ()
+    build: Callable | None = None
 
     def read(self) -> torch.Tensor:
-        with safe_open(self.file, framework="pt") as f:
-            t = f.get_tensor(self.key)
+        if self.build is not None:
+            t = self.build([_read(f, k) for f, k in self.parts])
+            if tuple(t.shape) != self.shape:
+                raise LowbitError(f"{self.key}: the checkpoint's tensors make {tuple(t.shape)}, the model expects "
+                                  f"{self.shape}")
+        else:
+            t = _read(self.file, self.key)
         t = t.t() if self.transpose else t
         return t.to(self.dtype).contiguous()
 

@@ -58,7 +58,7 @@ def test_evaluation_streams_too(bf16_dir):
 
 
 @pytest.mark.parametrize("family,recipe", [("llama", "w4-rtn"), ("llama", "w4-gptq"), ("llama", "quarot-w4-gptq"),
-                                           ("gpt2", "w4-gptq"), ("qwen2", "w4a8kv8")])
+                                           ("gpt2", "w4-gptq"), ("qwen2", "w4a8kv8"), ("mixtral", "quarot-w4-gptq")])
 def test_streamed_compile_equals_whole(tmp_path, family, recipe):
     """A budget of 1 kB: every weight is read from the checkpoint when a pass needs it and every
     tensor a pass writes is spilled to disk at once; the artifact is the same, tensor for tensor."""
@@ -74,6 +74,22 @@ def test_streamed_compile_equals_whole(tmp_path, family, recipe):
     del streamed
     gc.collect()
     assert not list((tmp_path / "new").glob("lowbit-spill-*"))   # removed with the IR
+
+
+def test_experts_stored_one_by_one_are_stacked_when_read(tmp_path):
+    """Mixtral checkpoints store each expert's w1, w2, w3 apart, and transformers stacks them into
+    one parameter per stack while loading. Captured without its weights, each stack is made from
+    the stored tensors by transformers' own conversion when it is read: what from_pretrained holds."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.ir.graph import short_name
+    tiny_hf_dir(tmp_path, "mixtral", torch.bfloat16)
+    ir = load(str(tmp_path), max_memory=1000)
+    params = dict(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).named_parameters())
+    stacks = {t: ir.stored[t] for t in ir.stored if t.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert sorted(len(s.parts) for s in stacks.values()) == [4, 4, 8, 8]   # 4 experts; w1 and w3 into gate_up
+    assert all(torch.equal(ir.tensor(t), params[short_name(t)]) for t in stacks)
+    assert all(torch.equal(ir.tensor(t), params[short_name(t)]) for t in ir.stored if "mlp.gate." in t)   # renamed
 
 
 def test_sharded_artifact_loads(tmp_path, bf16_dir):
