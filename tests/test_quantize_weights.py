@@ -184,3 +184,19 @@ def test_mixture_of_experts_compiles_from_disk_and_reloads(tmp_path, capsys):
     assert q["experts_without_rows"] == sum(r == 0 for rows in q["expert_rows"].values() for r in rows)
     code, out, err = run_cli(capsys, "eval", str(tmp_path / "a"), "--text", str(calib), "--ctx", "64")
     assert code == 0, err
+
+
+def test_outliers_and_lookup_tables_on_expert_stacks():
+    """Dense-and-sparse and SqueezeLLM (codes by GPTQ's walk, each expert with its routed rows' H)
+    on a Mixtral's expert stacks, read as one [E*N, K] matrix each."""
+    ir, model = tiny_ir("mixtral")
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    PassManager("split-outliers{samples=4},quantize-weights{method=squeezellm,bits=3,gptq=true,samples=4}").run(
+        ir, PassContext(calib=calib))
+    split, quant = ir.stats[-2], ir.stats[-1]
+    assert split["linears"] == quant["linears"] == 14 and split["nnz"] > 0
+    assert len(quant["expert_rows"]) == 4 and quant["experts_without_rows"] == 0
+    assert sqnr_db(ref, ir(x)) > 8   # measured 12.5 dB

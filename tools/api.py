@@ -198,7 +198,8 @@ def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int
 def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: str = "decoder",
            accuracy_level: int = 4) -> Path:
     """Export an artifact: ONNX (flavor ort, qdq or trt; the KV-cache decoder or the full-sequence
-    form), or a TensorRT engine (format 'trt', built from the trt flavor; needs TensorRT)."""
+    form), an onnxruntime-genai folder (format 'onnx-genai': the ort decoder, tokenizer files and
+    genai_config.json), or a TensorRT engine (format 'trt', built from the trt flavor; needs TensorRT)."""
     from lowbit.backends.onnx import export_onnx
     from lowbit.ir.artifact import is_artifact
     if not is_artifact(artifact):
@@ -209,8 +210,11 @@ def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: st
         from lowbit.backends.tensorrt import build_engine
         with tempfile.TemporaryDirectory() as tmp:
             return build_engine(export_onnx(load(artifact), Path(tmp) / "model.onnx", "trt"), Path(out))
+    if format == "onnx-genai":
+        from lowbit.backends.genai import export_genai
+        return export_genai(load(artifact), Path(out), Path(artifact) / "tokenizer", accuracy_level)
     if format != "onnx":
-        raise LowbitError(f"format must be onnx or trt, not '{format}'")
+        raise LowbitError(f"format must be onnx, onnx-genai or trt, not '{format}'")
     return export_onnx(load(artifact), Path(out), flavor, form, accuracy_level)
 
 

@@ -224,10 +224,11 @@ def _add_eval(sub):
 
 
 def _add_export(sub):
-    x = sub.add_parser("export", help="export an artifact to ONNX")
+    x = sub.add_parser("export", help="export an artifact to ONNX, an onnxruntime-genai folder or TensorRT")
     x.add_argument("artifact")
-    x.add_argument("--format", choices=["onnx", "trt"], default="onnx",
-                   help="trt: a TensorRT engine built from the trt-flavor ONNX (needs TensorRT)")
+    x.add_argument("--format", choices=["onnx", "onnx-genai", "trt"], default="onnx",
+                   help="onnx-genai: an onnxruntime-genai folder (the ort decoder, tokenizer, genai_config.json); "
+                        "trt: a TensorRT engine built from the trt-flavor ONNX (needs TensorRT)")
     x.add_argument("--flavor", choices=["ort", "qdq", "trt"], default="ort",
                    help="ort: com.microsoft::MatMulNBits; qdq: standard ONNX (blocked INT4 DequantizeLinear); "
                         "trt: qdq plus lowbit-domain nodes for the TensorRT plugins")
