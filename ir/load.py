@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import logging
 import os
 import time
@@ -89,9 +90,11 @@ def _quiet_transformers():
 
 
 def _model_info(cfg, name: str, source_hash: str | None, files) -> ModelInfo:
+    # the config travels with the artifact: exports to other formats rebuild the architecture from it
     return ModelInfo(family=cfg.model_type, vocab_size=cfg.vocab_size,
                      max_ctx=int(getattr(cfg, "max_position_embeddings", 2048)),
-                     source=name, source_hash=source_hash or sha256_files(files))
+                     source=name, source_hash=source_hash or sha256_files(files),
+                     extra={"config": json.loads(cfg.to_json_string())})
 
 
 def load_model(spec, tokenizer: str | None = None, name: str | None = None, source_hash: str | None = None):
