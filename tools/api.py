@@ -200,7 +200,7 @@ def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: st
     """Export an artifact: ONNX (flavor ort, qdq or trt; the KV-cache decoder or the full-sequence
     form), an onnxruntime-genai folder (format 'onnx-genai': the ort decoder, tokenizer files and
     genai_config.json), a compressed-tensors checkpoint directory (format 'compressed-tensors', for
-    vLLM and transformers), or a TensorRT engine (format 'trt', built from the trt flavor; needs TensorRT)."""
+    vLLM and transformers), a GGUF file (format 'gguf', for llama.cpp), or a TensorRT engine (format 'trt', built from the trt flavor; needs TensorRT)."""
     from lowbit.backends.onnx import export_onnx
     from lowbit.ir.artifact import is_artifact
     if not is_artifact(artifact):
@@ -214,11 +214,14 @@ def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: st
     if format == "onnx-genai":
         from lowbit.backends.genai import export_genai
         return export_genai(load(artifact), Path(out), Path(artifact) / "tokenizer", accuracy_level)
+    if format == "gguf":
+        from lowbit.backends.gguf import export_gguf
+        return export_gguf(load(artifact), Path(out), Path(artifact) / "tokenizer")
     if format == "compressed-tensors":
         from lowbit.backends.compressed import export_compressed_tensors
         return export_compressed_tensors(load(artifact), Path(out), Path(artifact) / "tokenizer") / "model.safetensors"
     if format != "onnx":
-        raise LowbitError(f"format must be onnx, onnx-genai, compressed-tensors or trt, not '{format}'")
+        raise LowbitError(f"format must be onnx, onnx-genai, compressed-tensors, gguf or trt, not '{format}'")
     return export_onnx(load(artifact), Path(out), flavor, form, accuracy_level)
 
 

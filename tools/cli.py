@@ -224,11 +224,12 @@ def _add_eval(sub):
 
 
 def _add_export(sub):
-    x = sub.add_parser("export", help="export an artifact to ONNX, onnxruntime-genai, compressed-tensors or TensorRT")
+    x = sub.add_parser("export", help="export an artifact to ONNX, onnxruntime-genai, compressed-tensors, GGUF or TensorRT")
     x.add_argument("artifact")
-    x.add_argument("--format", choices=["onnx", "onnx-genai", "compressed-tensors", "trt"], default="onnx",
+    x.add_argument("--format", choices=["onnx", "onnx-genai", "compressed-tensors", "gguf", "trt"], default="onnx",
                    help="onnx-genai: an onnxruntime-genai folder (the ort decoder, tokenizer, genai_config.json); "
                         "compressed-tensors: a Hugging Face directory vLLM and transformers load (uniform int weights); "
+                        "gguf: a file llama.cpp runs (Q4_0/Q8_0: symmetric groups of 32); "
                         "trt: a TensorRT engine built from the trt-flavor ONNX (needs TensorRT)")
     x.add_argument("--flavor", choices=["ort", "qdq", "trt"], default="ort",
                    help="ort: com.microsoft::MatMulNBits; qdq: standard ONNX (blocked INT4 DequantizeLinear); "

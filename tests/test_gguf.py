@@ -1,0 +1,64 @@
+"""GGUF files (`lowbit export --format gguf`): lowbit's codes and scales written as Q4_0 / Q8_0
+blocks (read back with the gguf package's reference: the same weights), and run by llama.cpp
+itself (llama-cpp-python, when installed): its logits are the artifact's, up to llama.cpp's 8-bit
+activations."""
+import numpy as np
+import pytest
+import torch
+
+from lowbit.ir.errors import LowbitError
+from lowbit.ir.load import load
+from lowbit.tools import api
+from models import STORIES, need_data, tiny_hf_dir
+
+ROTATED_GPTQ = "fold-norms,fuse-rotations{kind=hadamard},quantize-weights{method=gptq,bits=%d,group=32,sym=true}"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    tiny_hf_dir(d / "m", "llama", torch.float32)
+    calib = d / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog " * 100)
+    return d, calib
+
+
+@pytest.mark.parametrize("bits,qtype", [(4, "Q4_0"), (8, "Q8_0")])
+def test_rotated_gptq_weights_are_written_as_they_are(tiny_llama, bits, qtype):
+    import gguf
+    d, calib = tiny_llama
+    art = d / f"a{bits}"
+    api.compile(str(d / "m"), passes=ROTATED_GPTQ % bits, calib=calib, out=art, progress=False)
+    path = api.export(str(art), d / f"m{bits}.gguf", format="gguf")
+    r = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == qtype
+    assert types["token_embd.weight"] == "F32" and "output.weight" in types   # fold-norms untied lm_head
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'lowbit[llamacpp]')")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    ids = torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(0))
+    llm.eval(ids.tolist())
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    ref = load(str(art))(ids[None])[0]
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err < 0.02, err   # llama.cpp multiplies with 8-bit activations: measured 7e-3 (Q4_0), 6e-3 (Q8_0)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("passes,why", [
+    ("quantize-weights{bits=4,group=32,sym=false}", "asymmetric"),
+    ("fold-norms,fuse-rotations,insert-hadamard,quantize-weights{bits=4,group=32,sym=true}", "lowbit.hadamard"),
+])
+def test_other_grids_and_online_transforms_are_refused(tiny_llama, passes, why):
+    d, calib = tiny_llama
+    api.compile(str(d / "m"), passes=passes, out=d / "r", progress=False, force=True)
+    with pytest.raises(LowbitError, match=f"gguf: node '\\w+'.*{why}"):
+        api.export(str(d / "r"), d / "r.gguf", format="gguf")
+
+
+def test_widths_32_does_not_divide_are_refused(tmp_path):
+    need_data("stories260K", "stories260K.bin")   # its MLP: K = 172
+    api.compile(str(STORIES), passes="quantize-weights{bits=4,group=32,sym=true}", out=tmp_path / "a", progress=False)
+    with pytest.raises(LowbitError, match="K = 172"):
+        api.export(str(tmp_path / "a"), tmp_path / "a.gguf", format="gguf")
