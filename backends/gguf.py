@@ -82,6 +82,7 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name(ir.info.source)
+    w.add_string("general.quantized_by", "lowbit")   # `lowbit eval`/`run` run such files in llama.cpp
     w.add_context_length(ir.info.max_ctx)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)

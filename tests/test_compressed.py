@@ -38,6 +38,11 @@ def test_transformers_loads_rotated_gptq_weights(tmp_path, source, group):
     x = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(3))
     ref = load(str(tmp_path / "a"))(x)
     assert ((_transformers_logits(tmp_path / "ct", x) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    if source == "stories":   # the directory is an input of `lowbit eval` itself (through transformers)
+        got = api.evaluate(str(tmp_path / "ct"), calib, ctx=256, max_tokens=2048, tokenizer=str(tmp_path / "a" / "tokenizer"),
+                           progress=False)
+        want = api.evaluate(str(tmp_path / "a"), calib, ctx=256, max_tokens=2048, progress=False)
+        assert got["backend"] == "compressed-tensors" and abs(got["ppl"] / want["ppl"] - 1) < 1e-4
 
 
 @pytest.mark.parametrize("passes,why", [

@@ -42,6 +42,15 @@ def test_rotated_int4_stories_generates_the_reference_tokens(tmp_path):
     ref = generate(TorchDecoder(ir), prompt, 40, eos=cfg["eos_token_id"])["ids"]
     got = _genai_greedy(tmp_path / "g", prompt, 40)
     assert len(ref) >= 20 and got[:len(ref)] == ref
+    # the folder and the ONNX file in it are inputs of `lowbit run` and `lowbit eval` themselves
+    tok = str(art / "tokenizer")
+    assert api.run(str(tmp_path / "g"), "Once upon a time, there was a little", max_new_tokens=40, tokenizer=tok)["ids"][:len(ref)] == ref
+    text = need_data("tinyshakespeare", "input.txt")
+    folder = api.evaluate(str(tmp_path / "g"), text, ctx=256, max_tokens=2048, tokenizer=tok, progress=False)
+    onnx = api.evaluate(str(tmp_path / "g" / "model.onnx"), text, ctx=256, max_tokens=2048, tokenizer=tok, progress=False)
+    torch_ref = api.evaluate(str(art), text, ctx=256, max_tokens=2048, progress=False)
+    assert folder["backend"] == "onnx-genai" and onnx["backend"] == "onnx" and folder["ppl"] == onnx["ppl"]
+    assert abs(folder["ppl"] / torch_ref["ppl"] - 1) < 1e-4
 
 
 def test_tokenizer_goes_along_and_a_quantized_cache_is_refused(tmp_path):

@@ -44,6 +44,12 @@ def test_rotated_gptq_weights_are_written_as_they_are(tiny_llama, bits, qtype):
     err = float((got - ref).abs().max() / ref.abs().max())
     assert err < 0.02, err   # llama.cpp multiplies with 8-bit activations: measured 7e-3 (Q4_0), 6e-3 (Q8_0)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # the file is an input of `lowbit eval` and `lowbit run` (in llama.cpp)
+    res = api.evaluate(str(path), calib, ctx=64, max_tokens=1024, tokenizer=str(art / "tokenizer"), progress=False)
+    want = api.evaluate(str(art), calib, ctx=64, max_tokens=1024, progress=False)
+    assert res["backend"] == "gguf" and abs(res["ppl"] / want["ppl"] - 1) < 0.005   # measured 0.02%
+    new = api.run(str(path), "the quick", max_new_tokens=5, tokenizer=str(art / "tokenizer"))
+    assert new["backend"] == "gguf" and 1 <= len(new["ids"]) <= 5   # fewer where it reaches the end-of-text token
 
 
 @pytest.mark.parametrize("passes,why", [

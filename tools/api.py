@@ -165,12 +165,22 @@ def _resume_dir(out: Path, key: dict, rank: int = 0) -> Path:
 
 
 def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int = 4, backend: str = "torch",
-             accuracy_level: int = 4, progress: bool = True, max_memory: int | None = None) -> dict:
+             accuracy_level: int = 4, progress: bool = True, max_memory: int | None = None,
+             tokenizer: str | None = None) -> dict:
     """Perplexity of a model, artifact or IR on a text file: its first `max_tokens` tokens in
     windows of `ctx`, through the torch reference runtime or onnxruntime (`backend='ort'`). A model
-    too large for `max_memory` (see `load`) runs node by node, its weights read as they are used."""
+    too large for `max_memory` (see `load`) runs node by node, its weights read as they are used.
+    An exported file (ONNX, onnxruntime-genai folder, compressed-tensors directory, lowbit's GGUF)
+    runs in its own runtime (tools/deployed.py); `tokenizer` for one that carries none."""
+    from lowbit.tools.deployed import open_deployed
     from lowbit.tools.evaluate import check_ctx, perplexity, read_text, windows
     text = read_text(text)
+    dep = None if isinstance(model, (Compiled, IR)) else open_deployed(model, tokenizer)
+    if dep is not None:   # an exported file, run by the runtime it was made for
+        check_ctx(ctx, dep.max_ctx)
+        t = time.perf_counter()
+        res = perplexity(dep.logits, windows(dep.tokenizer.encode(text), ctx, max_tokens), batch=batch, progress=progress)
+        return {**res, "seconds": round(time.perf_counter() - t, 2), "backend": dep.kind}
     ir = model.ir if isinstance(model, Compiled) else model if isinstance(model, IR) else load(model, max_memory=max_memory)
     check_ctx(ctx, ir.info.max_ctx)
     if ir.tokenizer is None:
@@ -243,12 +253,28 @@ def decoder(model, backend: str = "torch", device: str = "cpu", accuracy_level: 
 
 
 def run(model, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-        backend: str = "torch", device: str = "cpu", accuracy_level: int = 4, on_text=None) -> dict:
+        backend: str = "torch", device: str = "cpu", accuracy_level: int = 4, on_text=None,
+        tokenizer: str | None = None) -> dict:
     """Generate a continuation of `prompt` token by token (greedy unless temperature > 0); returns
     the text, the new ids and prefill/decode speeds. on_text(piece) receives the text as it grows."""
+    from lowbit.tools.deployed import open_deployed
     from lowbit.tools.generate import generate
     if max_new_tokens < 1:
         raise LowbitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    dep = None if isinstance(model, IR) else open_deployed(model, tokenizer)
+    if dep is not None:   # an exported file, generating greedily in the runtime it was made for
+        if temperature > 0:
+            raise LowbitError(f"{model}: an exported file generates greedily here (sampling: run the artifact)")
+        ids = dep.tokenizer.encode(prompt)
+        if not ids:
+            raise LowbitError("the prompt is empty")
+        t = time.perf_counter()
+        new = dep.greedy(ids, max_new_tokens, getattr(dep.tokenizer, "eos_id", None))
+        text = dep.tokenizer.decode(new)
+        if on_text:
+            on_text(text)
+        return {"ids": new, "text": text, "backend": dep.kind, "seconds": round(time.perf_counter() - t, 3),
+                "prompt_tokens": len(ids)}
     dec, tok = decoder(model, backend, device, accuracy_level)
     if tok is None:
         raise LowbitError(f"{model} carries no tokenizer")

@@ -28,7 +28,8 @@ def cmd_compile(args):
 
 def cmd_eval(args):
     res = api.evaluate(args.model, args.text, ctx=args.ctx, max_tokens=args.max_tokens, batch=args.batch,
-                       backend=args.backend, accuracy_level=args.accuracy_level, max_memory=args.max_memory)
+                       backend=args.backend, accuracy_level=args.accuracy_level, max_memory=args.max_memory,
+                       tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(res))
     else:
@@ -83,8 +84,12 @@ def cmd_run(args):
     print(args.prompt, end="", flush=True)
     res = api.run(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, seed=args.seed, backend=args.backend, device=args.device,
-                  accuracy_level=args.accuracy_level, on_text=lambda t: print(t, end="", flush=True))
+                  accuracy_level=args.accuracy_level, on_text=lambda t: print(t, end="", flush=True),
+                  tokenizer=args.tokenizer)
     print()
+    if "prefill_s" not in res:   # an exported file, run by its own runtime
+        log.info("%s: %d tokens in %.2fs", res["backend"], len(res["ids"]), res["seconds"])
+        return
     log.info("%s: prefill %d tokens at %.0f tok/s, decode %d tokens at %.1f tok/s", res["backend"],
              res["prefill_tokens"], res["prefill_tokens"] / res["prefill_s"], res["decode_tokens"],
              res["decode_tokens"] / res["decode_s"])
@@ -155,6 +160,8 @@ def _size(text: str) -> int:
     return v
 
 
+_EXPORTED_HELP = ("or an exported file, run by its own runtime: a .onnx file (onnxruntime), an onnxruntime-genai "
+                  "folder, a compressed-tensors directory (transformers), a .gguf lowbit wrote (llama.cpp)")
 _MAX_MEMORY_HELP = ("memory for weights, e.g. 8GB (default: half of physical memory): a model whose float32 "
                     "weights take more than half of it stays on disk and is read as passes need it")
 
@@ -208,8 +215,9 @@ def _add_compile(sub):
 
 
 def _add_eval(sub):
-    e = sub.add_parser("eval", help="perplexity of a model or artifact on a text")
-    e.add_argument("model")
+    e = sub.add_parser("eval", help="perplexity of a model, artifact or exported file on a text")
+    e.add_argument("model", help=_EXPORTED_HELP)
+    e.add_argument("--tokenizer", help="tokenizer folder, for an exported file that carries none")
     e.add_argument("--text", required=True)
     e.add_argument("--ctx", type=_count(2), default=512)
     e.add_argument("--max-tokens", type=_count(2), default=32768, help="evaluate the first N tokens (default 32768)")
@@ -244,8 +252,9 @@ def _add_export(sub):
 
 def _add_run(sub):
     r = sub.add_parser("run", help="generate text from a prompt with the KV-cache decoder")
-    r.add_argument("model", help="artifact (or, with --backend torch, any model spec)")
+    r.add_argument("model", help="artifact (or, with --backend torch, any model spec); " + _EXPORTED_HELP)
     r.add_argument("--prompt", required=True)
+    r.add_argument("--tokenizer", help="tokenizer folder, for an exported file that carries none")
     r.add_argument("--backend", choices=["torch", "ort"], default="torch")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="with --backend torch: cuda runs the plugins' kernels (lowbit plugins build)")
