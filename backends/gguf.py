@@ -8,8 +8,9 @@ what GPTQ chose (with rotations fused into the weights) is written as it is, nev
   lowbit's symmetric zero point 8.
 - Q8_0: 8-bit symmetric groups of 32: d then 32 int8 values q - 128.
 Every block is dequantized again with the gguf package's reference and compared with lowbit's
-weight before the file is kept. The other tensors are float32 (norms folded by fold-norms are
-written as the pure normalizations they are). llama.cpp applies RoPE to interleaved pairs, so
+weight before the file is kept. The 2-D tensors lowbit left in float (embedding, an unquantized
+output projection) are Q8_0 as in llama.cpp's own 4-bit files, or float32 on request; the rest
+(norms; those fold-norms folded written as the pure normalizations they are) float32. llama.cpp applies RoPE to interleaved pairs, so
 q's and k's rows are permuted per head as llama.cpp's own converter does (rows only: codes and
 scales move with them). Refused by name: online transforms and activation/KV quantizers
 (llama.cpp has none), other grids, input widths not a multiple of 32, other architectures.
@@ -66,8 +67,16 @@ def _qtype(lin, gguf):
     return qtype
 
 
-def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None) -> Path:
+FLOAT_TYPES = ("q8_0", "f32")
+
+
+def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: str = "q8_0") -> Path:
+    """float_type: what the 2-D tensors lowbit left in float become (the embedding table, an
+    unquantized output projection): q8_0, as llama.cpp's own 4-bit files store them (rounded by
+    the gguf package's reference, as llama.cpp's quantizer would), or f32 (exactly lowbit's)."""
     import gguf
+    if float_type not in FLOAT_TYPES:
+        raise LowbitError(f"gguf: float type must be one of {', '.join(FLOAT_TYPES)}, not '{float_type}'")
     refuse_inexpressible(ir, "gguf")
     config, model, state, quantized = source_weights(ir, "gguf")
     arch = ARCHITECTURES.get(config.model_type)
@@ -111,10 +120,15 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None) -> Path:
         if name is None:
             raise LowbitError(f"gguf: no llama.cpp tensor for '{hf}'")
         return name
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for hf, t in state.items():
         t = t.float()
         order = rows(hf, t.shape[0]) if t.dim() == 2 else None
-        w.add_tensor(gguf_name(hf), (t if order is None else t[order]).contiguous().numpy())
+        t = (t if order is None else t[order]).contiguous().numpy()
+        if float_type == "q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
+            w.add_tensor(gguf_name(hf), gguf.quants.quantize(t, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(gguf_name(hf), t)
     for hf, lin in quantized.items():
         blocks = _blocks(lin, ir, qtypes[hf])
         w_hat = lin.weight_node.target(*(ir.tensor(a.target) if a is not None else None

@@ -206,7 +206,7 @@ def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int
 
 
 def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: str = "decoder",
-           accuracy_level: int = 4) -> Path:
+           accuracy_level: int = 4, gguf_float: str = "q8_0") -> Path:
     """Export an artifact: ONNX (flavor ort, qdq or trt; the KV-cache decoder or the full-sequence
     form), an onnxruntime-genai folder (format 'onnx-genai': the ort decoder, tokenizer files and
     genai_config.json), a compressed-tensors checkpoint directory (format 'compressed-tensors', for
@@ -226,7 +226,7 @@ def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: st
         return export_genai(load(artifact), Path(out), Path(artifact) / "tokenizer", accuracy_level)
     if format == "gguf":
         from lowbit.backends.gguf import export_gguf
-        return export_gguf(load(artifact), Path(out), Path(artifact) / "tokenizer")
+        return export_gguf(load(artifact), Path(out), Path(artifact) / "tokenizer", gguf_float)
     if format == "compressed-tensors":
         from lowbit.backends.compressed import export_compressed_tensors
         return export_compressed_tensors(load(artifact), Path(out), Path(artifact) / "tokenizer") / "model.safetensors"

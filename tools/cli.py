@@ -76,7 +76,7 @@ def cmd_demo(args):
 
 def cmd_export(args):
     path = api.export(args.artifact, args.out, format=args.format, flavor=args.flavor, form=args.form,
-                      accuracy_level=args.accuracy_level)
+                      accuracy_level=args.accuracy_level, gguf_float=args.gguf_float)
     log.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
 
 
@@ -246,6 +246,8 @@ def _add_export(sub):
                    help="decoder: KV cache in and out (past_key_values.* / present.*); full: input_ids -> logits")
     x.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="MatMulNBits accuracy level: 0 computes in float (exact), 4 with int8 activations (fast)")
+    x.add_argument("--gguf-float", choices=["q8_0", "f32"], default="q8_0",
+                   help="gguf: the tensors left in float (embedding, output): q8_0 as llama.cpp's 4-bit files, or f32")
     x.add_argument("--out", required=True)
     x.set_defaults(fn=cmd_export)
 
