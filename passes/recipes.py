@@ -13,6 +13,11 @@ RECIPES: dict[str, tuple[str, str]] = {
                               "quantize-weights{method=rtn,bits=8,group=128,sym=false,lm_head=true}",
                               "quarot-w4-gptq for deployment: lm_head packed too (int8), no R3 (it cancels in q k^T "
                               "and only serves KV-cache quantization), so decoding runs fewer online Hadamards (needs --calib)"),
+    "gguf-q4_0": ("fold-norms,fuse-rotations{kind=hadamard},"
+                  "quantize-weights{method=gptq,bits=4,group=32,sym=true,clip=true}",
+                  "rotations fused into the weights, then int4 symmetric GPTQ in groups of 32 with clipping: exactly "
+                  "llama.cpp's Q4_0 grid and nothing online (export --format gguf; compressed-tensors too where 32 "
+                  "divides K) (needs --calib)"),
     "w4-rtn-sym": ("fold-norms,quantize-weights{method=rtn,bits=4,group=128,sym=true}",
                    "int4 symmetric round-to-nearest, group 128, norms folded first"),
     "w4-rtn-perchannel": ("fold-norms,quantize-weights{method=rtn,bits=4,group=-1,sym=true}",
