@@ -132,10 +132,70 @@ def _llama_cpp(gguf: Path, threads: int):
     return LlamaCpp(), f"llama-cpp-python {llama_cpp.__version__}"
 
 
+class _Genai:
+    """An onnxruntime-genai folder, timed by its own generation loop: prefill (append_tokens), then
+    one generate_next_token per new token."""
+
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime_genai as og
+        cfg_path = folder / "genai_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        self.og, self.model = og, og.Model(str(folder))
+
+    def timed(self, ids: list[int], n: int) -> tuple[float, float]:
+        import time
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()   # the prefill's own token
+        t1 = time.perf_counter()
+        done = 0
+        while not gen.is_done() and done < n - 1:
+            gen.generate_next_token()
+            done += 1
+        return len(ids) / (t1 - t0), done / (time.perf_counter() - t1)
+
+
+def _exported_rows(artifacts, out: Path, threads: int, log) -> tuple[list, dict]:
+    """Rows for what each artifact exports to besides the ort decoder: its onnxruntime-genai folder
+    and, where its weights are on a GGUF grid, its GGUF in llama.cpp ((name, what, backend, bytes)
+    each), and why any was skipped."""
+    from lowbit.ir.errors import LowbitError
+    from lowbit.tools import api
+    rows, skipped = [], {}
+    for a in artifacts:
+        name = Path(a).name
+        folder = out / "exports" / f"{name}-genai"
+        try:
+            import onnxruntime_genai  # noqa: F401
+            api.export(a, folder, format="onnx-genai")
+            rows.append((f"{name} (onnxruntime-genai)", "onnxruntime-genai folder, MatMulNBits accuracy_level 4",
+                         _Genai(folder, threads), (folder / "model.onnx").stat().st_size))
+        except (ImportError, LowbitError) as e:
+            skipped[f"{name} (onnxruntime-genai)"] = str(e).splitlines()[0]
+        gguf = out / "exports" / f"{name}.gguf"
+        try:
+            api.export(a, gguf, format="gguf")
+            llama, why = _llama_cpp(gguf, threads)
+            if llama is None:
+                raise LowbitError(why)
+            rows.append((f"{name} (llama.cpp)", f"{why}, lowbit's GGUF", llama, gguf.stat().st_size))
+        except LowbitError as e:
+            skipped[f"{name} (llama.cpp)"] = str(e).splitlines()[0]
+    for k, why in skipped.items():
+        log(f"skipping {k}: {why}")
+    return rows, skipped
+
+
 def bench_decode(artifacts: list[str], model: str, out: Path, accuracy_levels=(4, 0), prompt_tokens: int = 64,
                  new_tokens: int = 64, repeats: int = 3, threads: int = 2, gguf: str | None = None, log=print) -> dict:
     """Prefill and decode tokens/s of onnxruntime over the float export of `model` and each artifact's
-    int4 export (per MatMulNBits accuracy level), and of llama.cpp on the model's GGUF, measured
+    int4 export (per MatMulNBits accuracy level), of each artifact's onnxruntime-genai folder and
+    (where its grid is one) its GGUF in llama.cpp, and of llama.cpp on the model's GGUF, measured
     interleaved in one process (each row's median over `repeats` rounds)."""
     import statistics
 
@@ -165,14 +225,23 @@ def bench_decode(artifacts: list[str], model: str, out: Path, accuracy_levels=(4
             backends["llama.cpp"] = llama
             rows.append(("llama.cpp", str(gguf), f"{why}, {gguf.name}", gguf, None))
             sizes["llama.cpp"] = gguf.stat().st_size
+    extra, skipped = _exported_rows(artifacts, Path(out), threads, log)
+    notes.update(skipped)
+    for name, what, b, size in extra:
+        backends[name], sizes[name] = b, size
+        rows.append((name, None, what, None, None))
     tok = load_tokenizer(Path(artifacts[0]) / "tokenizer") if artifacts else None
     ids = (tok.encode(DEMO_TEXT.read_text()) if tok else list(range(1000, 2000)))[:prompt_tokens]
     times = {name: [] for name in backends}
     for r in range(repeats + 1):       # round 0 warms every row up and is not counted
         for name, b in backends.items():
-            res = generate(b, ids, new_tokens)
+            if hasattr(b, "timed"):   # a runtime with its own generation loop
+                speed = b.timed(ids, new_tokens)
+            else:
+                res = generate(b, ids, new_tokens)
+                speed = (res["prefill_tokens"] / res["prefill_s"], res["decode_tokens"] / res["decode_s"])
             if r:
-                times[name].append((res["prefill_tokens"] / res["prefill_s"], res["decode_tokens"] / res["decode_s"]))
+                times[name].append(speed)
         log(f"round {r}/{repeats} done")
     fp = statistics.median(d for _, d in times["fp32"])
     table = []
