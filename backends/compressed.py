@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lowbit.ir import formats, meta
+from lowbit.ir.artifact import atomic_dir
 from lowbit.ir.errors import LowbitError
 from lowbit.ir.formats.base import unpack
 
@@ -54,7 +55,7 @@ def export_compressed_tensors(ir, out: Path, tokenizer_dir: Path | None = None) 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     _refuse_inexpressible(ir)
-    config, _, state, quantized = source_weights(ir, "compressed-tensors")
+    config, state, quantized = source_weights(ir, "compressed-tensors")
     groups = {}
     for name, lin in quantized.items():
         q = lin.node.meta[meta.QUANT]
@@ -75,23 +76,22 @@ def export_compressed_tensors(ir, out: Path, tokenizer_dir: Path | None = None) 
                                      group_size=None if group == -1 else group))
     qcfg = QuantizationConfig(config_groups=qargs, quant_method="compressed-tensors", format="pack-quantized",
                               quantization_status="compressed", ignore=ignore)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config.quantization_config = qcfg.model_dump(exclude_none=True)
     config.dtype = torch.float32
-    config.save_pretrained(out)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
-        for f in tokenizer_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-    _check(ir, out)
-    return out
+    with atomic_dir(out) as tmp:   # in place only once transformers has read it back
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
+            for f in tokenizer_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        _check(ir, tmp)
+    return Path(out)
 
 
 def _check(ir, out: Path):
-    """transformers loads the directory; its logits must be the artifact's."""
+    """transformers loads the directory; its logits must be the artifact's (it is written there)."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     x = torch.randint(0, ir.info.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.ir.artifact import atomic_dir
 from lowbit.ir.errors import LowbitError
 
 from .onnx import export_onnx
@@ -24,17 +25,13 @@ from .onnx import export_onnx
 log = logging.getLogger("lowbit")
 
 
-def genai_config(ir, tokenizer_dir: Path | None) -> dict:
-    """The genai_config.json of the decoder exported from `ir` (its KV-cache form: past_specs)."""
+def genai_config(ir) -> dict:
+    """The genai_config.json of the decoder exported from `ir` (its KV-cache form: past_specs);
+    special tokens from the artifact's tokenizer."""
     s = ir.analysis
     a = s.attentions[0]
-    bos = eos = pad = None
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-        t = AutoTokenizer.from_pretrained(tokenizer_dir)
-        bos, eos, pad = t.bos_token_id, t.eos_token_id, t.pad_token_id
-    bos = getattr(ir.tokenizer, "bos_id", None) if bos is None else bos
-    eos = getattr(ir.tokenizer, "eos_id", None) if eos is None else eos
+    bos, eos = getattr(ir.tokenizer, "bos_id", None), getattr(ir.tokenizer, "eos_id", None)
+    pad = getattr(getattr(ir.tokenizer, "tok", None), "pad_token_id", None)   # a transformers tokenizer's
     return {
         "model": {
             "bos_token_id": bos if bos is not None else 0,
@@ -71,13 +68,13 @@ def export_genai(ir, out: Path, tokenizer_dir: Path | None = None, accuracy_leve
     out = Path(out)
     if any(dtype is not torch.float32 for _, dtype, *_ in to_decoder(ir).past_specs):
         raise LowbitError("onnxruntime-genai keeps a float KV cache; this artifact quantizes it (quantize-kv)")
-    out.mkdir(parents=True, exist_ok=True)
-    model = export_onnx(ir, out / "model.onnx", "ort", "decoder", accuracy_level)
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").exists():
-        for f in tokenizer_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-    else:
-        log.warning("%s: no tokenizer.json to copy (onnxruntime-genai then generates from token ids)", out)
-    (out / "genai_config.json").write_text(json.dumps(genai_config(ir, tokenizer_dir), indent=2) + "\n")
-    return model
+    with atomic_dir(out) as tmp:
+        export_onnx(ir, tmp / "model.onnx", "ort", "decoder", accuracy_level)
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").exists():
+            for f in tokenizer_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            log.warning("%s: no tokenizer.json to copy (onnxruntime-genai then generates from token ids)", out)
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(ir), indent=2) + "\n")
+    return out / "model.onnx"

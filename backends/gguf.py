@@ -19,6 +19,7 @@ A tokenizer.json byte-level BPE vocabulary is written as llama.cpp's "gpt2" mode
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
     if float_type not in FLOAT_TYPES:
         raise LowbitError(f"gguf: float type must be one of {', '.join(FLOAT_TYPES)}, not '{float_type}'")
     refuse_inexpressible(ir, "gguf")
-    config, model, state, quantized = source_weights(ir, "gguf")
+    config, state, quantized = source_weights(ir, "gguf")
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise LowbitError(f"gguf: lowbit writes llama.cpp's llama architecture ({', '.join(ARCHITECTURES)}), "
@@ -89,7 +90,8 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(out), arch)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")   # moved into place whole
+    w = gguf.GGUFWriter(str(partial), arch)
     w.add_name(ir.info.source)
     w.add_string("general.quantized_by", "lowbit")   # `lowbit eval`/`run` run such files in llama.cpp
     w.add_context_length(ir.info.max_ctx)
@@ -131,8 +133,7 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
             w.add_tensor(gguf_name(hf), t)
     for hf, lin in quantized.items():
         blocks = _blocks(lin, ir, qtypes[hf])
-        w_hat = lin.weight_node.target(*(ir.tensor(a.target) if a is not None else None
-                                         for a in lin.weight_node.args[:3]), *lin.weight_node.args[3:])
+        w_hat = ir.constant(lin.weight_node)
         order = rows(hf, blocks.shape[0])
         if order is not None:
             blocks, w_hat = blocks[order.numpy()], w_hat[order]
@@ -141,10 +142,15 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
             raise LowbitError(f"gguf: '{hf}' does not read back as lowbit's weight (max error "
                               f"{np.abs(back - w_hat.numpy()).max():.2e})")
         w.add_tensor(gguf_name(f"{hf}.weight"), blocks, raw_dtype=qtypes[hf])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -1,5 +1,5 @@
-"""An artifact's source architecture rebuilt: its Hugging Face config and model skeleton, and the
-value of every parameter, read from the IR. What exports to other runtimes' formats write
+"""An artifact's source architecture rebuilt: its Hugging Face config and the value of every
+parameter, read from the IR. What exports to other runtimes' formats write
 (compressed-tensors, GGUF): each keeps the quantized linears in its own layout and takes the rest
 from here."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _identity_norm(module) -> bool:
 
 
 def source_weights(ir, fmt: str):
-    """(config, model skeleton, {parameter: float tensor}, {module name: quantized Linear}): every
+    """(config, {parameter: float tensor}, {module name: quantized Linear}): every
     parameter of the source architecture outside the quantized linears, from the IR, with tied
     ones once (config.tie_word_embeddings says whether lm_head still reads the embedding), and
     norms that fold-norms folded set to what makes them pure normalizations."""
@@ -84,4 +84,4 @@ def source_weights(ir, fmt: str):
                               "that can be made a pure normalization")
         for p, t in own.items():
             state[f"{name}.{p}"] = ir.tensor(found[p]) if found[p] else t.detach().clone()
-    return config, model, state, quantized
+    return config, state, quantized

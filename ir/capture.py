@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from . import experts, meta
 from .errors import LowbitError
-from .graph import IR, ModelInfo, short_name, type_string
+from .graph import IR, ModelInfo, short_name, type_string, upstream
 
 aten = torch.ops.aten
 
@@ -153,7 +153,7 @@ def _eager_attention_to_sdpa(g: fx.Graph):
         coef, masks, x = 1.0, [], sm.args[0]
         while True:   # back from the softmax to the q k^T product
             if x.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in x.args[:2]):
-                inner = [a for a in x.args[:2] if any(m.target in _MATMULS for m in _ancestors_to(a, _MATMULS))]
+                inner = [a for a in x.args[:2] if any(m.target in _MATMULS for m in upstream(a, _MATMULS))]
                 if len(inner) != 1:
                     break
                 masks.append((coef, next(a for a in x.args[:2] if a is not inner[0])))
@@ -203,19 +203,6 @@ def _eager_attention_to_sdpa(g: fx.Graph):
                     n.meta["val"] = n.target(*fx.node.map_arg(n.args, lambda a: a.meta["val"]), **n.kwargs)
         out.replace_all_uses_with(sdpa)
     g.eliminate_dead_code()
-
-
-def _ancestors_to(n: fx.Node, stop) -> list:
-    """n's ancestors, not walking past nodes whose target is in `stop`."""
-    seen, todo = [], [n]
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.append(m)
-        if m.target not in stop:
-            todo += m.all_input_nodes
-    return seen
 
 
 def _inplace_to_functional(g: fx.Graph):

@@ -27,7 +27,7 @@ import torch.fx as fx
 from . import meta, quant
 from .analysis import node_shape
 from .errors import LowbitError
-from .graph import IR
+from .graph import IR, upstream
 
 aten = torch.ops.aten
 _KV_QUANT = quant.quantize_tokens._opoverload
@@ -127,17 +127,6 @@ def _rope_positions(g: fx.Graph) -> fx.Node:
     return found.pop()
 
 
-def _ancestors(n: fx.Node) -> set:
-    seen, todo = set(), [n]
-    while todo:
-        m = todo.pop()
-        for a in m.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
-
-
 def _mask_of(sdpa: fx.Node):
     return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
 
@@ -148,7 +137,7 @@ def _alibi(sdpa: fx.Node) -> fx.Node | None:
     mask = _mask_of(sdpa)
     if not isinstance(mask, fx.Node):
         return None
-    found = [n for n in [mask, *_ancestors(mask)] if (t := _type(n)) and t[0][0] in "fb" and len(t[1]) == 4
+    found = [n for n in upstream(mask) if (t := _type(n)) and t[0][0] in "fb" and len(t[1]) == 4
              and t[1][0] == "batch" and t[1][1].isdigit() and int(t[1][1]) > 1 and t[1][2] == "1" and t[1][3] == "seq"]
     return max(found, key=lambda n: n.meta.get(meta.HANDLE, 0)) if found else None
 
@@ -161,13 +150,13 @@ def _alibi_over_cache(g, bias: fx.Node, mask_in: fx.Node, t: fx.Node, done: dict
     is computed from it."""
     if bias in done:
         return done[bias]
-    anc = _ancestors(bias) | {bias}
+    anc = upstream(bias)
     ones = [n for n in anc if n.target is aten.ones.default and _type(n) and _type(n)[1] == ["batch", "seq"]]
     seq = {n for n in anc if n.target is aten.sym_size.int and n.args[1] == 1 and n.args[0].op == "placeholder"}
     if len(ones) > 1 or not (ones or seq):
         raise LowbitError(f"decoder: the attention bias {bias.name} is not computed from the attention mask or the "
                           "sequence length; cannot recompute it over the cache")
-    between = {n for n in anc if n is bias or _ancestors(n) & ({*ones} | seq)}
+    between = {n for n in anc if upstream(n) & ({*ones} | seq)}
     for n in between:
         n.args = fx.node.map_arg(n.args, lambda a: t if a in seq else a)
         n.kwargs = fx.node.map_arg(n.kwargs, lambda a: t if a in seq else a)

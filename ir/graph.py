@@ -27,6 +27,19 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def upstream(n: fx.Node, stop=()) -> set[fx.Node]:
+    """n and every node it is computed from, not walking past nodes whose target is in `stop`."""
+    seen, todo = {n}, [n]
+    while todo:
+        m = todo.pop()
+        if m.target not in stop:
+            for a in m.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    todo.append(a)
+    return seen
+
+
 def short_name(target: str) -> str:
     """Parameter / module path without the capture wrapper's prefix."""
     return target[len(WRAPPER_PREFIX):] if target.startswith(WRAPPER_PREFIX) else target

@@ -64,8 +64,7 @@ class FoldNorms(Pass):
         elsewhere, a tied lm_head)."""
         emb = norm.input
         if not (emb.target is torch.ops.aten.embedding.default and emb.args[0].op == "get_attr"
-                and all(u in (norm.normalized, *norm.normalized.all_input_nodes) or u.target is torch.ops.aten.pow.Tensor_Scalar
-                        for u in emb.users)):
+                and all(u is norm.normalized or u.target is torch.ops.aten.pow.Tensor_Scalar for u in emb.users)):
             return False
         t = ir.tensor(emb.args[0].target).double()
         w = ir.tensor(norm.weight).double() + norm.offset if norm.weight else None

@@ -104,13 +104,12 @@ def _compressed(folder: Path, tokenizer: Path | None) -> Deployed:
     return Deployed("compressed-tensors", logits, greedy, _tokenizer(tokenizer or folder, str(folder)), ctx)
 
 
-def _gguf(path: Path, tokenizer: Path | None) -> Deployed:
+def _gguf(path: Path, tokenizer: Path | None, fields) -> Deployed:
     try:
         import llama_cpp
     except ImportError as e:
         raise LowbitError("a GGUF file lowbit wrote runs in llama.cpp: pip install 'lowbit[llamacpp]'") from e
-    import gguf
-    ctx = int(gguf.GGUFReader(path).fields["llama.context_length"].contents())
+    ctx = int(fields["llama.context_length"].contents())
     llm = llama_cpp.Llama(str(path), n_ctx=ctx, logits_all=True, verbose=False, n_batch=min(ctx, 512))
 
     def logits(ids):
@@ -151,7 +150,8 @@ def open_deployed(path, tokenizer=None) -> Deployed | None:
             return _compressed(p, tok)
     if p.is_file() and p.suffix == ".gguf":
         import gguf
-        by = gguf.GGUFReader(p).fields.get("general.quantized_by")
+        fields = gguf.GGUFReader(p).fields
+        by = fields.get("general.quantized_by")
         if by is not None and by.contents() == "lowbit":
-            return _gguf(p, tok)
+            return _gguf(p, tok, fields)
     return None
