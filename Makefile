@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo test families
 install:
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[test,onnx,genai,compressed]"
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[test,onnx,genai,compressed,report]"
 
 demo: install
 	$(PY) -m lowbit.tools.cli demo

@@ -6,6 +6,10 @@ what GPTQ chose (with rotations fused into the weights) is written as it is, nev
 - Q4_0: 4-bit symmetric groups of 32 (`quantize-weights{bits=4,group=32,sym=true}`): a block is
   the fp16 scale d then 16 bytes, byte j holding codes j (low nibble) and j + 16; w = d (q - 8),
   lowbit's symmetric zero point 8.
+- Q4_1: 4-bit groups of 32 with an fp16 minimum (`sym=false,offset=min`): d, the minimum m, then
+  the codes as in Q4_0; w = d q + m.
+- Q5_0, Q5_1: 5-bit, as Q4_0 and Q4_1 (zero point 16), the codes' fifth bits in 4 bytes (qh, bit j
+  of code j) before the low nibbles.
 - Q8_0: 8-bit symmetric groups of 32: d then 32 int8 values q - 128.
 Every block is dequantized again with the gguf package's reference and compared with lowbit's
 weight before the file is kept. The 2-D tensors lowbit left in float (embedding, an unquantized
@@ -42,39 +46,48 @@ def _rope_rows(n_rows: int, heads: int) -> torch.Tensor:
 
 
 def _blocks(lin, ir, qtype) -> np.ndarray:
-    """A quantized linear's codes and scales as GGUF blocks [N, K / 32 * bytes per block]."""
-    import gguf
+    """A quantized linear's codes and scales (and minima) as GGUF blocks [N, K / 32 * bytes per block]."""
     q = lin.node.meta[meta.QUANT]
-    qw, sc = (ir.tensor(a.target) for a in lin.weight_node.args[:2])
+    qw, sc, mins = (ir.tensor(a.target) if a is not None else None for a in lin.weight_node.args[:3])
     codes = unpack(qw, q["bits"], lin.in_features).numpy()
     n, k = codes.shape
-    d = sc.numpy().astype(np.float16).reshape(n, k // 32, 1).view(np.uint8)
+
+    def halves(t):   # one fp16 per block, as its 2 bytes
+        return t.numpy().astype(np.float16).reshape(n, k // 32, 1).view(np.uint8)
     c = codes.reshape(n, k // 32, 32)
-    if qtype is gguf.GGMLQuantizationType.Q4_0:
-        qs = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)
+    parts = [halves(sc)] + ([halves(mins)] if mins is not None else [])
+    if q["bits"] == 8:
+        parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
     else:
-        qs = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-    return np.concatenate([d, qs], -1).reshape(n, -1)
+        if q["bits"] == 5:   # bit 4 of code j is bit j of the little-endian 32-bit qh
+            parts.append(np.packbits((c >> 4).astype(np.uint8), axis=-1, bitorder="little"))
+        parts.append(((c[..., :16] & 15) | ((c[..., 16:] & 15) << 4)).astype(np.uint8))
+    return np.concatenate(parts, -1).reshape(n, -1)
 
 
 def _qtype(lin, gguf):
     q = lin.node.meta[meta.QUANT]
-    types = {(4, 32, True): gguf.GGMLQuantizationType.Q4_0, (8, 32, True): gguf.GGMLQuantizationType.Q8_0}
-    qtype = types.get((q["bits"], q["group"], q["sym"]))
+    T = gguf.GGMLQuantizationType
+    types = {(4, True, "zero"): T.Q4_0, (4, False, "min"): T.Q4_1, (5, True, "zero"): T.Q5_0,
+             (5, False, "min"): T.Q5_1, (8, True, "zero"): T.Q8_0}
+    qtype = types.get((q["bits"], q["sym"], q.get("offset", "zero"))) if q["group"] == 32 else None
     if qtype is None or lin.in_features % 32:
-        raise LowbitError(f"gguf: node '{lin.node.name}' ({lin.name}) is {q['bits']}-bit, group {q['group']}, "
-                          f"{'symmetric' if q['sym'] else 'asymmetric'}, K = {lin.in_features}; lowbit writes "
-                          "Q4_0 and Q8_0: symmetric groups of 32 on a K that 32 divides")
+        grid = "symmetric" if q["sym"] else "asymmetric with " + ("an fp16 minimum" if q.get("offset") == "min"
+                                                                  else "integer zero points")
+        raise LowbitError(f"gguf: node '{lin.node.name}' ({lin.name}) is {q['bits']}-bit, group {q['group']}, {grid}, "
+                          f"K = {lin.in_features}; lowbit writes groups of 32 on a K that 32 divides: Q4_0, Q5_0, "
+                          "Q8_0 (sym=true) and Q4_1, Q5_1 (sym=false,offset=min)")
     return qtype
 
 
-FLOAT_TYPES = ("q8_0", "f32")
+FLOAT_TYPES = ("q8_0", "q4_0", "f32")
 
 
 def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: str = "q8_0") -> Path:
     """float_type: what the 2-D tensors lowbit left in float become (the embedding table, an
-    unquantized output projection): q8_0, as llama.cpp's own 4-bit files store them (rounded by
-    the gguf package's reference, as llama.cpp's quantizer would), or f32 (exactly lowbit's)."""
+    unquantized output projection): q8_0, as llama.cpp's own 4-bit files store them, or q4_0 (both
+    rounded by the gguf package's reference, as llama.cpp's quantizer would), or f32 (exactly
+    lowbit's)."""
     import gguf
     if float_type not in FLOAT_TYPES:
         raise LowbitError(f"gguf: float type must be one of {', '.join(FLOAT_TYPES)}, not '{float_type}'")
@@ -106,8 +119,8 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     w.add_vocab_size(config.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in qtypes.values()
-                    else gguf.LlamaFileType.MOSTLY_Q8_0 if qtypes else gguf.LlamaFileType.ALL_F32)
+    common = max(set(qtypes.values()), key=list(qtypes.values()).count) if qtypes else None   # the linears' usual type
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{common.name}") if common else gguf.LlamaFileType.ALL_F32)
     _vocab(w, tokenizer_dir, config, gguf)
 
     def rows(hf: str, n: int):   # llama.cpp's q/k row order
@@ -122,13 +135,13 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
         if name is None:
             raise LowbitError(f"gguf: no llama.cpp tensor for '{hf}'")
         return name
-    q8 = gguf.GGMLQuantizationType.Q8_0
+    table_type = getattr(gguf.GGMLQuantizationType, float_type.upper(), None)
     for hf, t in state.items():
         t = t.float()
         order = rows(hf, t.shape[0]) if t.dim() == 2 else None
         t = (t if order is None else t[order]).contiguous().numpy()
-        if float_type == "q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
-            w.add_tensor(gguf_name(hf), gguf.quants.quantize(t, q8), raw_dtype=q8)
+        if float_type != "f32" and t.ndim == 2 and t.shape[1] % 32 == 0:
+            w.add_tensor(gguf_name(hf), gguf.quants.quantize(t, table_type), raw_dtype=table_type)
         else:
             w.add_tensor(gguf_name(hf), t)
     for hf, lin in quantized.items():
@@ -174,3 +187,12 @@ def _vocab(w, tokenizer_dir, config, gguf):
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.vocab.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
+
+
+def linear_bits_per_weight(path) -> float:
+    """Bits per weight of a GGUF file's linear layers as stored (blocks with their scales and
+    minima): every 2-D tensor but the embedding table and the output projection."""
+    import gguf
+    ts = [t for t in gguf.GGUFReader(path).tensors
+          if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight")]
+    return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)

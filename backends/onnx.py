@@ -9,6 +9,7 @@ LutMatMul, SparseMatMul) for the TensorRT plugins. Online Hadamards and learned
 Kronecker rotations, activation and KV quantizers become standard ops in every flavor but trt's Hadamard."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -265,7 +266,10 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
     prog = torch.onnx.export(module.eval(), example, dynamo=True, opset_version=23, verbose=False, optimize=False,
                              custom_translation_table=table, dynamic_shapes=shapes,
                              input_names=inputs, output_names=outputs)
+    taps = _tap_names(ir.gm.graph, prog.exported_program.graph)
     _optimize(prog.model)
+    produced = {o.name for n in prog.model.graph for o in n.outputs}
+    prog.model.metadata_props["lowbit.taps"] = json.dumps({v: h for v, h in taps.items() if v in produced})
     dims = {}
     for v, name in zip(prog.model.graph.inputs, inputs):   # symbols by role, read off the example's layout
         sh = [str(x) for x in v.shape]
@@ -289,6 +293,83 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
         for f in Path(tmp).iterdir():
             os.replace(f, out.parent / f.name)
     return out
+
+
+def _tap_names(ir_graph, exported_graph) -> dict[str, int]:
+    """{ONNX value name: debug handle} of the IR's linears and residual adds: the exporter names each
+    value after the node of its own trace of the module, which runs the IR's nodes in order, so
+    the i-th call of an op in one is the i-th in the other (ops whose counts differ are left out)."""
+    from collections import defaultdict
+
+    from lowbit.ir import meta
+    ours, theirs = defaultdict(list), defaultdict(list)
+    for g, into in ((ir_graph, ours), (exported_graph, theirs)):
+        for n in g.nodes:
+            if n.op == "call_function":
+                into[n.target].append(n)
+    out = {}
+    for target, nodes in ours.items():
+        if len(nodes) == len(theirs[target]):
+            out.update({t.name: n.meta[meta.HANDLE] for n, t in zip(nodes, theirs[target]) if meta.HANDLE in n.meta})
+    return out
+
+
+def run_taps(path, input_ids: torch.Tensor, handles: set[int]) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Run an ONNX file lowbit exported with the values holding the given taps (its `lowbit.taps`
+    metadata) made outputs, on full windows (the decoder form with an empty cache): -> ({handle:
+    value}, logits under handle 0), and {handle: the op onnxruntime replaces that value's node by,
+    when it runs the file as deployed (a fusion; the value then exists only inside it)}."""
+    import onnx
+    import onnxruntime as ort
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    taps = {v: h for v, h in json.loads(props.get("lowbit.taps", "{}")).items() if h in handles}
+    fused = _fused_taps(path, model, taps)
+    have = {o.name for o in model.graph.output}
+    for v in taps:
+        if v not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(v))
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    b, s = input_ids.shape
+    feed = {"input_ids": input_ids.numpy()}
+    if "attention_mask" in names:
+        feed.update(attention_mask=np.ones((b, s), np.int64), position_ids=np.broadcast_to(np.arange(s), (b, s)).copy())
+        for i in sess.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feed[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), np.uint8 if i.type == "tensor(uint8)" else np.float32)
+    outs = [o.name for o in sess.get_outputs()]
+    got = dict(zip(outs, sess.run(outs, feed)))
+    values = {h: torch.from_numpy(np.asarray(got[v], np.float32)) for v, h in taps.items()}
+    values[0] = torch.from_numpy(got["logits"])
+    return values, fused
+
+
+def _fused_taps(path, model, taps: dict[str, int]) -> dict[int, str]:
+    """Taps whose values onnxruntime's graph optimizations fuse away, with the op that took over
+    the node producing each (the first node of the optimized graph that reads that node's input
+    and is of another kind)."""
+    import onnx
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(so.optimized_model_filepath)
+    produced = {o for n in opt.graph.node for o in n.output} | {o.name for o in opt.graph.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    fused = {}
+    for v, h in taps.items():
+        if v in produced or v not in producer:
+            continue
+        src = producer[v]
+        by = next((n.op_type for n in opt.graph.node if n.op_type != src.op_type and set(n.input) & set(src.input)),
+                  "another node")
+        fused[h] = by
+    return fused
 
 
 class OrtBackend:

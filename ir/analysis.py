@@ -47,6 +47,12 @@ class Linear:
         return self.module or self.node.name
 
     @property
+    def path(self) -> str:
+        """Its name without the capture wrapper's prefix (layers.3.mlp.down_proj): what `only=` matches."""
+        from .graph import short_name
+        return short_name(self.name)
+
+    @property
     def rows(self) -> int:
         """Rows of the weight as one matrix (an expert stack's rows stacked)."""
         return self.out_features * max(self.experts, 1)

@@ -72,6 +72,24 @@ class PassContext:
     later: dict = field(default_factory=dict)   # pass class -> its entries after the running pass (set by the manager)
     resume: Path | None = None            # where passes keep finished pieces, so a killed compile resumes
     checkpoint: Checkpoint | None = None  # the running entry's part of `resume` (set by the manager)
+    # which of the running pass's applications (a linear, a norm, a layer's rotation: its units, by
+    # name) it may make: those `only` matches (fnmatch patterns joined by '|'), and of them the
+    # first `limit`; `applied` lists the units it made (all set by the manager, per entry)
+    only: str | None = None
+    limit: int | None = None
+    applied: list[str] = field(default_factory=list)
+
+    def applies(self, unit: str) -> bool:
+        """Whether the running pass makes its application to `unit`; every pass asks before each
+        one, in a fixed order, so that a pass can be restricted to some of them (`only=`, and
+        `debug bisect`'s search for the one that breaks a model)."""
+        from fnmatch import fnmatchcase
+        if self.only is not None and not any(fnmatchcase(unit, p) for p in self.only.split("|")):
+            return False
+        if self.limit is not None and len(self.applied) >= self.limit:
+            return False
+        self.applied.append(unit)
+        return True
 
     def following(self, cls) -> list:
         """The entries of pass class `cls` after the running pass; the pass must declare it reads them."""
@@ -114,6 +132,10 @@ class Pass:
     needs: ClassVar[tuple[Needs, ...]] = ()     # passes that must run before / after this one
     after: ClassVar[tuple[str, ...]] = ()       # passes that, where both run, must come before this one
     reads_later: ClassVar[tuple[type, ...]] = ()   # pass classes whose later entries this pass reads (ctx.following)
+    # rewrites values inside the model into another basis, exactly (rotations, centering): `debug compare`
+    # replays such passes on a source model to compare its inner values with an artifact's
+    changes_basis: ClassVar[bool] = False
+    applications: ClassVar[str] = ""   # what the pass applies itself to, one by one, by name (PassContext.applies)
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()

@@ -181,6 +181,8 @@ def _note(node: fx.Node, text: str):
 class FuseRotations(Pass):
     """Rotate the residual stream (R1) and each head's values (R2) by orthogonal matrices fused into weights."""
     name = "fuse-rotations"
+    applications = "`R1` (the whole stream), then `R2 layer 0`, `R2 layer 1`, ...; one left out stays the identity"
+    changes_basis = True
     needs = (Needs("fold-norms"), Needs("learn-rotations", when=(("kind", "learned"),)))
 
     @dataclass(frozen=True)
@@ -209,28 +211,32 @@ class FuseRotations(Pass):
         if c.r2:
             for a in s.attentions:
                 check_head_path(a)
-        centered = center_stream(ir, s)
+        # applications (ctx.applies): R1 over the whole stream, then R2 layer by layer; one left out is the identity
+        with_r1 = ctx.applies("R1")
+        centered = center_stream(ir, s) if with_r1 else 0
         s = ir.analysis
         d = ir.tensor(s.embedding_weight).shape[1]
-        r1 = self._matrix(ir, LEARNED_R1, d, c.seed)
-        r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) for i, a in enumerate(s.attentions)] \
-            if c.r2 else None
+        r1 = self._matrix(ir, LEARNED_R1, d, c.seed) if with_r1 else torch.eye(d, dtype=torch.float64)
+        with_r2 = [c.r2 and ctx.applies(f"R2 layer {i}") for i in range(len(s.attentions))]
+        r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) if on else torch.eye(a.head_dim, dtype=torch.float64)
+               for i, (a, on) in enumerate(zip(s.attentions, with_r2))] if any(with_r2) else None
         scaled = self._smooth(ir, s) if c.kind == "learned" else 0
         new = rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s)
         for target, t in new.items():
             ir.set_tensor(target, t.float())
-        online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None)
-        for lin in stream_readers(s):
+        online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None) if with_r1 else 0
+        for lin in stream_readers(s) if with_r1 else []:
             _note(lin.node, "R1 in")
-        for lin in stream_writers(s):
+        for lin in stream_writers(s) if with_r1 else []:
             _note(lin.node, "R1^T out")
-        for a in s.attentions if c.r2 else []:
-            _note(a.v.node, "R2^T out (per head)")
-            _note(a.o.node, "R2 in (per head)")
+        for a, on in zip(s.attentions, with_r2):
+            if on:
+                _note(a.v.node, "R2^T out (per head)")
+                _note(a.o.node, "R2 in (per head)")
         s.embedding.meta[meta.ROTATED] = {"kind": c.kind, "seed": c.seed, "r2": c.r2}
         ir.changed()
         return PassResult(True, {"kind": c.kind, "dim": d, "readers": len(stream_readers(s)),
-                                 "writers": len(s.blocks), "r2_layers": len(r2s or []), "smoothed": scaled,
+                                 "writers": len(s.blocks), "r2_layers": sum(with_r2), "smoothed": scaled,
                                  "layer_norms_centered": centered, "online_after_post_norms": online})
 
     @staticmethod

@@ -12,7 +12,7 @@ from lowbit.ir.formats import Packed
 from lowbit.ir.store import OnDemand
 
 from .base import all_sum, my_share
-from lowbit.ir.formats.uniform import QuantSpec, fit_groups
+from lowbit.ir.formats.uniform import QuantSpec, fit_groups, to_grid
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
@@ -27,11 +27,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
     w[:, torch.diagonal(h) == 0] = 0                    # inputs that are always zero: free columns
     scale, zero = fit_groups(w, spec, clip)             # static groups, fp16-rounded scales
     col_group = torch.arange(w.shape[1]) // spec.group_size(w.shape[1])
-    qmax = (1 << spec.bits) - 1
 
     def grid(values, col):
         s, z = scale[:, col_group[col]], zero[:, col_group[col]]
-        q = torch.clamp(torch.round(values / s) + z, 0, qmax)
+        q = to_grid(values, s, z, spec)
         return q, (q - z) * s
     return gptq_columns(w, h, grid, damp, act_order, block), scale, zero
 

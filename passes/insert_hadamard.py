@@ -29,6 +29,8 @@ class InsertHadamard(Pass):
     kind=learned: R4 is the Kronecker-factored rotation and R3 the head_dim rotation learn-rotations{loss=local}
     learned per layer."""
     name = "insert-hadamard"
+    applications = "`R4 layer 0`, ... (MLP down inputs), then `R3 layer 0`, ... (q and k after RoPE)"
+    changes_basis = True
     needs = (Needs("learn-rotations", when=(("kind", "learned"),)),)
 
     @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class InsertHadamard(Pass):
                 x = down.node.args[0]
                 if getattr(x, "target", None) in (_OP, _KRON):
                     continue   # already inserted: idempotent
+                if not ctx.applies(f"R4 layer {i}"):
+                    continue
                 if down.frozen:
                     raise PassFailure(f"'{down.name}' is already quantized or split; insert Hadamard before "
                                       "quantize-weights and split-outliers",
@@ -81,6 +85,9 @@ class InsertHadamard(Pass):
                 r4 += 1
         if self.config.r3:
             for i, a in enumerate(s.attentions):
+                if any(u.target in (_OP, _KRON) for rope in (a.rope_q, a.rope_k) if rope is not None
+                       for u in rope.users) or not ctx.applies(f"R3 layer {i}"):
+                    continue
                 targets = ()
                 if self.config.kind == "learned":   # as rotate_kron with A = R3, B = [1]
                     if learned_r3(i) not in ir.extra_tensors:

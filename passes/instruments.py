@@ -38,17 +38,68 @@ class Timing(Instrument):
 
 
 class DumpIR(Instrument):
-    """Writes the IR as text before the first pass and after each pass: NN-<pass>.txt."""
+    """Writes the IR as text before the first pass and after each pass: NN-<pass>.txt. changed_only:
+    only after passes that changed it; tree: a directory per pass, NN-<pass>/ holding ir.txt,
+    diff.txt (a unified diff from the IR written before it) and stats.json (the pass's stats)."""
 
-    def __init__(self, directory):
-        self.dir = Path(directory)
+    def __init__(self, directory, changed_only: bool = False, tree: bool = False):
+        self.dir, self.changed_only, self.tree = Path(directory), changed_only, tree
 
     def start(self, ir, ctx):
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "00-input.txt").write_text(format_ir(ir))
+        self._last = format_ir(ir)
+        self._write("00-input", self._last, None, {})
 
     def after(self, i, entry, p, ir, ctx, result):
-        (self.dir / f"{i + 1:02d}-{entry.pass_cls.name}.txt").write_text(format_ir(ir))
+        if self.changed_only and not result.modified:
+            return
+        text = format_ir(ir)
+        self._write(f"{i + 1:02d}-{entry.pass_cls.name}", text, self._last, ir.stats[-1])
+        self._last = text
+
+    def _write(self, name, text, before, stats):
+        if not self.tree:
+            (self.dir / f"{name}.txt").write_text(text)
+            return
+        import difflib
+        import json
+        d = self.dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "ir.txt").write_text(text)
+        if before is not None:
+            (d / "diff.txt").write_text("".join(difflib.unified_diff(before.splitlines(True), text.splitlines(True),
+                                                                     "before", name)))
+        (d / "stats.json").write_text(json.dumps(stats, indent=1, default=str))
+
+
+class Reproducer(Instrument):
+    """Keeps the IR before each pass (a copy sharing its tensors) and, when the pass fails or
+    breaks its contract under NumericDiff, writes a directory that reruns exactly that pass
+    (`lowbit debug repro DIR`): the IR before it (an artifact), the pass's text, the seed, the
+    calibration windows and the numeric-diff inputs it had."""
+
+    def __init__(self, directory, diff_inputs=None):
+        self.dir, self.diff_inputs, self.written = Path(directory), diff_inputs, None
+
+    def before(self, i, entry, p, ir, ctx):
+        self._before = ir.fork()
+        self._before.passes_run, self._before.stats = list(ir.passes_run), list(ir.stats)
+        self._before.extra_tensors = dict(ir.extra_tensors)
+
+    def failed(self, i, entry, p, ir, ctx, error):
+        import json
+
+        from safetensors.torch import save_file
+
+        from lowbit.ir.artifact import save_artifact
+        save_artifact(self._before, self.dir / "before", {"seed": ctx.seed, "reproducer": True}, force=True)
+        tensors = {k: v.contiguous() for k, v in (("calib", ctx.calib), ("diff_inputs", self.diff_inputs)) if v is not None}
+        if tensors:
+            save_file(tensors, str(self.dir / "inputs.safetensors"))
+        (self.dir / "repro.json").write_text(json.dumps(
+            {"pass": entry.text(), "index": i + 1, "seed": ctx.seed, "passes_before": list(self._before.passes_run),
+             "diff": self.diff_inputs is not None, "error": str(error)}, indent=1))
+        self.written = self.dir
 
 
 class Verify(Instrument):

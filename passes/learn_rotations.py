@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lowbit.ir.formats.uniform import QuantSpec, fake_quantize
+from lowbit.ir.formats.uniform import fake_quantize
 from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, kron_rotate, random_hadamard, random_orthogonal, supported
 from lowbit.ir.quant import quantize_tokens_lsq
 
@@ -159,6 +159,8 @@ class LearnRotations(Pass):
     quantizers (loss=ce) or the output error the later activation/KV quantizers cause at each linear (loss=local).
     With a later insert-hadamard{kind=learned}, loss=local also learns each layer's online R4 (A kron B, from H_n)."""
     name = "learn-rotations"
+    applications = "`rotations`: every matrix is learned together"
+    changes_basis = True
     needs = (Needs("fold-norms"), Needs("fuse-rotations", before=False, match=(("kind", "learned"),)),
              Needs("quantize-weights", before=False, when=(("loss", "ce"), ("load", ""))),
              Needs("quantize-activations", before=False, when=(("loss", "local"), ("load", ""))))
@@ -190,6 +192,8 @@ class LearnRotations(Pass):
         c = self.config
         if LEARNED_R1 in ir.extra_tensors:
             return PassResult(False, {"already": True})
+        if not ctx.applies("rotations"):   # one application: every matrix is learned together
+            return PassResult(False)
         ir.whole("learn-rotations (gradients through the model)")
         s = ir.analysis
         if c.load:
@@ -282,7 +286,7 @@ class LearnRotations(Pass):
         in place. Returns (loss, batch_at, what it ran under)."""
         c = self.config
         qc = quant.config
-        spec = QuantSpec(qc.bits, qc.group, qc.sym)
+        spec = qc.spec()
         base = {}
 
         def get(t):

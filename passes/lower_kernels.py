@@ -26,6 +26,7 @@ TARGETS = ("torch", "onnx-ort", "onnx-qdq", "trt", "cuda")
 class LowerKernels(Pass):
     """Replace quantized linears, lookup tables and sparse outliers by the kernel ops of a target runtime."""
     name = "lower-kernels"
+    applications = "each weight-format node, by its node name"
     after = ("fold-norms", "learn-rotations", "fuse-rotations", "insert-hadamard", "split-outliers",
              "quantize-weights", "quantize-activations", "quantize-kv")
 
@@ -43,7 +44,7 @@ class LowerKernels(Pass):
     def run(self, ir, ctx: PassContext) -> PassResult:
         if self.config.target == "torch":   # the reference form already is the torch form
             return PassResult(False)
-        counts = formats.lower(ir, self.config.target)
+        counts = formats.lower(ir, self.config.target, ctx.applies)
         if not counts:
             return PassResult(False)
         ir.remove_dead()

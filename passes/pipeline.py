@@ -3,7 +3,9 @@
 Grammar: `entry(,entry)*`, entry = `name` or `name{key=value,...}`; values are ints, floats,
 `true`/`false` or bare words. An entry prints back with the options it was given, in the order
 given, so parse -> print is the identity on canonical text; the full config (defaults included)
-goes into the artifact's manifest."""
+goes into the artifact's manifest. Every pass takes the option `only=PATTERNS` (fnmatch patterns
+joined by '|', such as `layers.3.*|lm_head`): it then makes only the applications (linears,
+norms, layers' rotations) whose names match, leaving the rest to later entries."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,12 +29,11 @@ class Entry:
     pass_cls: type[Pass]
     config: object
     given: tuple[str, ...]   # option keys written in the text, in order
+    only: str | None = None  # the applications it makes (PassContext.applies): None, all
 
     def text(self) -> str:
-        if not self.given:
-            return self.pass_cls.name
-        opts = ",".join(f"{k}={format_value(getattr(self.config, k))}" for k in self.given)
-        return f"{self.pass_cls.name}{{{opts}}}"
+        opts = [f"{k}={format_value(self.only if k == 'only' else getattr(self.config, k))}" for k in self.given]
+        return f"{self.pass_cls.name}{{{','.join(opts)}}}" if opts else self.pass_cls.name
 
     def make(self) -> Pass:
         return self.pass_cls(self.config)
@@ -67,11 +68,19 @@ def parse_entry(text: str) -> Entry:
         raise PipelineError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name]
     fields = config_fields(cls)
-    values, given = {}, []
+    values, given, only = {}, [], None
     for item in (body.split(",") if body and body.strip() else []):
         key, eq, raw = item.strip().partition("=")
+        if eq and key == "only" and "only" not in fields:
+            if only is not None:
+                raise PipelineError(f"{name}: option 'only' given twice")
+            if not raw.strip():
+                raise PipelineError(f"{name}: only= needs names or patterns (such as layers.3.*|lm_head)")
+            only = raw.strip()
+            given.append(key)
+            continue
         if not eq or key not in fields:
-            raise PipelineError(f"{name}: no option '{key}' (options: {', '.join(fields) or 'none'})")
+            raise PipelineError(f"{name}: no option '{key}' (options: {', '.join([*fields, 'only'])})")
         if key in values:
             raise PipelineError(f"{name}: option '{key}' given twice")
         try:
@@ -83,7 +92,7 @@ def parse_entry(text: str) -> Entry:
         config = cls.Config(**values)
     except (ValueError, TypeError) as e:
         raise PipelineError(f"{name}: {e}") from None
-    return Entry(cls, config, tuple(given))
+    return Entry(cls, config, tuple(given), only)
 
 
 def parse_pipeline(text: str, done=()) -> list[Entry]:
@@ -131,6 +140,9 @@ class Instrument:
     def after(self, index: int, entry: Entry, p: Pass, ir, ctx, result: PassResult):
         pass
 
+    def failed(self, index: int, entry: Entry, p: Pass, ir, ctx, error: Exception):
+        """The pass raised (or an instrument's `after` did, such as a broken contract)."""
+
 
 class PassManager:
     def __init__(self, entries: list[Entry] | str, instruments=(), done=()):
@@ -139,6 +151,7 @@ class PassManager:
         if not isinstance(entries, str):
             check_order(self.entries, done)
         self.instruments = list(instruments)
+        self.limits: dict[int, int] = {}   # entry index -> its first applications only (debug bisect)
 
     def __str__(self):
         return print_pipeline(self.entries)
@@ -153,6 +166,7 @@ class PassManager:
             ctx.later = {cls: [e for e in self.entries[i + 1:] if e.pass_cls is cls] for cls in p.reads_later}
             ctx.checkpoint = Checkpoint(ctx.resume / f"{i + 1:02d}-{entry.pass_cls.name}", write=ranks()[0] == 0) \
                 if ctx.resume else None
+            ctx.only, ctx.limit, ctx.applied = entry.only, self.limits.get(i), []
             try:
                 for inst in self.instruments:
                     inst.before(i, entry, p, ir, ctx)
@@ -162,12 +176,16 @@ class PassManager:
                 ir.passes_run.append(entry.text())
                 ir.stats.append({"pass": entry.text(), "config": dataclasses.asdict(entry.config),
                                  "contract": str(p.contract()), "modified": res.modified, **res.stats})
+                if entry.only is not None or i in self.limits:
+                    ir.stats[-1]["applied"] = list(ctx.applied)
                 for inst in self.instruments:
                     inst.after(i, entry, p, ir, ctx, res)
-            except LowbitError as e:
-                raise self._error(i, entry, e, getattr(e, "node", None)) from e
             except Exception as e:
-                raise self._error(i, entry, f"{type(e).__name__}: {e}", None) from e
+                err = self._error(i, entry, e if isinstance(e, LowbitError) else f"{type(e).__name__}: {e}",
+                                  getattr(e, "node", None) if isinstance(e, LowbitError) else None)
+                for inst in self.instruments:
+                    inst.failed(i, entry, p, ir, ctx, err)
+                raise err from e
             results.append(res)
         return results
 

@@ -45,6 +45,7 @@ def _insert(ir, x, users, args) -> torch.fx.Node:
 class QuantizeActivations(Pass):
     """Per-token dynamic quantization of every linear's input (after any online Hadamard), lm_head excepted."""
     name = "quantize-activations"
+    applications = "each linear whose input it quantizes, by its path"
     after = ("fuse-rotations", "insert-hadamard")
 
     @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class QuantizeActivations(Pass):
         for lin in s.linears.values():
             x = lin.node.args[0]
             if (lin is s.lm_head and not c.lm_head) or getattr(x, "target", None) is _OP \
-                    or roles.get(lin.node) in skip:
+                    or roles.get(lin.node) in skip or not ctx.applies(lin.path):
                 continue
             if c.group != -1 and lin.in_features % c.group:
                 raise PassFailure(f"group {c.group} does not divide {lin.name}'s {lin.in_features} inputs", lin.node)
@@ -94,6 +95,7 @@ class QuantizeActivations(Pass):
 class QuantizeKV(Pass):
     """Quantize keys (after RoPE and any R3 Hadamard) and values per token and head group, as a quantized KV cache stores them."""
     name = "quantize-kv"
+    applications = "`KV layer 0`, `KV layer 1`, ... (each attention's keys and values)"
     after = ("fuse-rotations", "insert-hadamard")
 
     @dataclass(frozen=True)
@@ -112,7 +114,9 @@ class QuantizeKV(Pass):
     def run(self, ir, ctx: PassContext) -> PassResult:
         c = self.config
         n = 0
-        for a in ir.analysis.attentions:
+        for i, a in enumerate(ir.analysis.attentions):
+            if all(kv.target is _OP for kv in a.sdpa.args[1:3]) or not ctx.applies(f"KV layer {i}"):
+                continue
             if c.group != -1 and a.head_dim % c.group:
                 raise PassFailure(f"group {c.group} does not divide head_dim {a.head_dim}", a.sdpa)
             # the attention op reads K and V laid out [batch, heads, seq, head_dim]: quantizing along

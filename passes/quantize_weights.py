@@ -174,8 +174,8 @@ def finequant_group(w: torch.Tensor, bits: int, min_group: int) -> int:
     return best
 
 
-SCHEMES = {"rtn": lambda c: RTN(QuantSpec(c.bits, c.group, c.sym), c.clip),
-           "gptq": lambda c: GPTQ(QuantSpec(c.bits, c.group, c.sym), c.clip, damp=c.damp, act_order=c.act_order),
+SCHEMES = {"rtn": lambda c: RTN(c.spec(), c.clip),
+           "gptq": lambda c: GPTQ(c.spec(), c.clip, damp=c.damp, act_order=c.act_order),
            "finequant": lambda c: FineQuant(c.bits, c.group),
            "squeezellm": lambda c: SqueezeLLM(c.bits, c.gptq, damp=c.damp, act_order=c.act_order)}
 
@@ -184,6 +184,7 @@ SCHEMES = {"rtn": lambda c: RTN(QuantSpec(c.bits, c.group, c.sym), c.clip),
 class QuantizeWeights(Pass):
     """Quantize linear weights to packed storage: rtn, gptq, finequant (adaptive group size) or squeezellm (per-row lookup tables)."""
     name = "quantize-weights"
+    applications = "each linear not quantized yet, by its path (`layers.3.mlp.down_proj`, `lm_head`)"
     after = ("fuse-rotations", "insert-hadamard", "split-outliers", "learn-rotations")
 
     @dataclass(frozen=True)
@@ -192,6 +193,8 @@ class QuantizeWeights(Pass):
         bits: int = 4
         group: int = 128        # finequant: the smallest group it may choose; squeezellm: unused
         sym: bool = True
+        offset: str = "zero"    # rtn, gptq with sym=false: an integer zero point (zero) or an fp16 group minimum
+                                # (min: w = code * scale + min, llama.cpp's Q4_1/Q5_1 grid)
         clip: bool = False      # rtn, gptq: MSE search of a per-group clipping ratio
         lm_head: bool = False   # also quantize the output projection
         # gptq: dampening (fraction of mean diag H), column order by decreasing H diagonal with
@@ -205,13 +208,18 @@ class QuantizeWeights(Pass):
         def __post_init__(self):
             if self.method not in SCHEMES:
                 raise ValueError(f"method '{self.method}' is not available (available: {', '.join(SCHEMES)})")
-            QuantSpec(self.bits, self.group, self.sym)
+            self.spec()
+            if self.offset != "zero" and self.method not in ("rtn", "gptq"):
+                raise ValueError(f"offset={self.offset} is a rtn/gptq grid; {self.method} stores its own")
             if self.clip and self.method not in ("rtn", "gptq"):
                 raise ValueError(f"clip=true searches rtn/gptq group ranges; {self.method} fits its own")
             if self.method == "finequant" and self.bits not in (4, 8):
                 raise ValueError(f"finequant quantizes to int4 or int8, not {self.bits} bits")
             if self.method == "squeezellm" and self.bits > 4:
                 raise ValueError(f"squeezellm lookup tables are for 2-4 bits, not {self.bits}")
+
+        def spec(self) -> QuantSpec:
+            return QuantSpec(self.bits, self.group, self.sym, self.offset)
 
         def scheme(self):
             return SCHEMES[self.method](self)
@@ -223,7 +231,8 @@ class QuantizeWeights(Pass):
         c = self.config
         scheme = c.scheme()
         s = ir.linears   # no other structure: any captured model's linears
-        todo = [lin for lin in s.linears.values() if not lin.quantized and (c.lm_head or lin is not s.lm_head)]
+        todo = [lin for lin in s.linears.values() if not lin.quantized and (c.lm_head or lin is not s.lm_head)
+                and ctx.applies(lin.path)]
         if not todo:
             return PassResult(False)
         for lin in todo:
@@ -237,6 +246,8 @@ class QuantizeWeights(Pass):
         ir.remove_dead()
         ir.changed()
         stats = self._stats(todo, stored)
+        if self.hessians:
+            stats["hessian"] = self.hessians
         if resumed:
             stats["resumed_linears"] = resumed
         if any(shares):
@@ -255,6 +266,7 @@ class QuantizeWeights(Pass):
         bar = tqdm(total=len(todo), desc=f"quantize-weights ({c.method})", unit="linear",
                    disable=not ctx.progress, leave=False)
         stored, resumed, shares = {}, [], [0] * ranks()[1]   # shares: linears each process quantized
+        self.hessians = {}   # linear path -> what its input Hessian says (GPTQ): reported in the stats
 
         def adopt(lin, tensors, note):
             """A linear's packed tensors and note, made elsewhere (a record, another process)."""
@@ -285,6 +297,11 @@ class QuantizeWeights(Pass):
                 p = h.quantize(lambda *a: quantize(scheme, *a), w, sens)
             else:
                 p = quantize(scheme, w, h, sens)
+                if h is not None:   # input energy per channel: outlier channels show as a large max / mean
+                    diag = h.diagonal()
+                    self.hessians[lin.path] = {"diag_mean": diag.mean().item(), "max_over_mean":
+                                               round((diag.max() / diag.mean().clamp_min(1e-30)).item(), 2),
+                                               "dead_inputs": int((diag == 0).sum())}
             w_hat = p.w_hat()
             if lin.sparse:   # the whole weight (dense plus sparse): what the SQNR compares, what runs on
                 w, w_hat = self._absorb(ir, lin, w, w_hat)

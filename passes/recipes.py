@@ -18,6 +18,10 @@ RECIPES: dict[str, tuple[str, str]] = {
                   "rotations fused into the weights, then int4 symmetric GPTQ in groups of 32 with clipping: exactly "
                   "llama.cpp's Q4_0 grid and nothing online (export --format gguf; compressed-tensors too where 32 "
                   "divides K) (needs --calib)"),
+    "gguf-q4_1": ("fold-norms,fuse-rotations{kind=hadamard},"
+                  "quantize-weights{method=gptq,bits=4,group=32,sym=false,offset=min,clip=true}",
+                  "rotations fused into the weights, then int4 GPTQ in groups of 32 with an fp16 minimum and clipping: "
+                  "exactly llama.cpp's Q4_1 grid, nothing online (export --format gguf) (needs --calib)"),
     "w4-rtn-sym": ("fold-norms,quantize-weights{method=rtn,bits=4,group=128,sym=true}",
                    "int4 symmetric round-to-nearest, group 128, norms folded first"),
     "w4-rtn-perchannel": ("fold-norms,quantize-weights{method=rtn,bits=4,group=-1,sym=true}",

@@ -19,16 +19,119 @@ def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
         return ir.scratch[key]
     if ctx.calib is None:
         raise PassFailure("needs calibration text for the Fisher information (compile --calib FILE)")
-    ir.whole("the Fisher information (gradients of the loss)")
     lins = [lin for lin in ir.linears.linears.values() if not lin.quantized]
-    params = {lin.weight: ir.tensor(lin.weight).detach().float().requires_grad_() for lin in lins}
-    acc = {t: torch.zeros_like(p) for t, p in params.items()}
     seqs = my_share(ctx.calib[:samples])   # with several processes: a share each, the sums added
-    for ids in tqdm(seqs, desc="fisher information", unit="seq", disable=not ctx.progress, leave=False):
-        logits = torch.func.functional_call(ir.gm, params, (ids[None],))
-        loss = F.cross_entropy(logits[0, :-1], ids[1:])
-        grads = torch.autograd.grad(loss, list(params.values()))
-        for t, g in zip(params, grads):
-            acc[t] += g.square()
+    bar = tqdm(seqs, desc="fisher information", unit="seq", disable=not ctx.progress, leave=False)
+    if ir.stored and ir.spill is not None:   # a model left on disk: block by block
+        acc = _Blocks(ir, {lin.weight for lin in lins}).fisher(bar)
+    else:
+        params = {lin.weight: ir.tensor(lin.weight).detach().float().requires_grad_() for lin in lins}
+        acc = {t: torch.zeros_like(p) for t, p in params.items()}
+        for ids in bar:
+            logits = torch.func.functional_call(ir.gm, params, (ids[None],))
+            loss = F.cross_entropy(logits[0, :-1], ids[1:])
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for t, g in zip(params, grads):
+                acc[t] += g.square()
     ir.scratch[key] = {lin.node.name: all_sum(acc[lin.weight]).reshape(lin.rows, -1) for lin in lins}
     return ir.scratch[key]
+
+
+class _Blocks:
+    """The loss's gradients for a model left on disk, one block at a time. The graph is cut at the
+    residual stream's values (the analysis' `stream`): block i computes stream[i] from stream[i-1]
+    and values made before it that no weight changes (positions, masks, RoPE tables). Per sequence:
+    a forward sweep keeps the stream values and those carried values (each weight read when its node
+    runs, then dropped), the head's loss is differentiated, and a backward sweep reruns each block
+    from its saved input with its linears' weights as leaves, passing d loss / d stream[i-1] down.
+    Memory: one block's weights and activations, and one sequence's stream values."""
+
+    def __init__(self, ir, weights: set[str]):
+        from bisect import bisect_left
+
+        from lowbit.ir.graph import upstream
+        self.ir, self.weights = ir, weights
+        s = ir.analysis
+        order = {n: i for i, n in enumerate(ir.graph.nodes)}
+        self.stream = s.stream
+        bounds = [order[v] for v in s.stream]
+        self.segments: list[list] = [[] for _ in range(len(bounds) + 1)]
+        seg = {}
+        for n in ir.graph.nodes:
+            if n.op != "get_attr":   # tensors are read when a node uses them
+                seg[n] = bisect_left(bounds, order[n])
+                self.segments[seg[n]].append(n)
+        # values a later block reads: each stream value by the next block only, and values no weight
+        # changes (else refused by name: the gradient would not reach them)
+        later = {}
+        for n in seg:
+            for a in n.all_input_nodes:
+                if a in seg and seg[a] < seg[n]:
+                    later.setdefault(a, set()).add(seg[n])
+        self.carried = set(later)
+        for v, used in later.items():
+            if v in s.stream and used == {seg[v] + 1}:
+                continue
+            if v in s.stream or any(u.op == "get_attr" and u.target in weights for u in upstream(v)):
+                raise PassFailure(f"the Fisher information of a model on disk runs block by block, and '{v.name}' "
+                                  "carries a weight's effect past the next block", v)
+
+    def _run(self, nodes, env, leaves=None):
+        """Run nodes in order over env (values of other nodes); weights read from the IR (from disk),
+        those in `leaves` (a dict filled here) made leaves that require gradients."""
+        import torch.fx as fx
+
+        def value(a):
+            if a.op != "get_attr":
+                return env[a]
+            t = self.ir.tensor(a.target)
+            if leaves is not None and a.target in self.weights:
+                t = leaves.setdefault(a.target, t.detach().float().requires_grad_())
+            return t
+        for n in nodes:
+            args = fx.node.map_arg(n.args, value)
+            kwargs = fx.node.map_arg(n.kwargs, value)
+            if n.op == "placeholder":
+                continue
+            env[n] = args[0] if n.op == "output" else n.target(*args, **kwargs)
+
+    def fisher(self, seqs) -> dict[str, torch.Tensor]:
+        """{weight target: sum over sequences of the squared gradient of each one's mean loss}."""
+        acc: dict[str, torch.Tensor] = {}
+        last = len(self.segments) - 1
+        start = next(n for n in self.ir.graph.nodes if n.op == "placeholder")
+        for ids in seqs:
+            env, saved = {start: ids[None]}, {}
+            with torch.no_grad():
+                for nodes in self.segments[:last]:
+                    self._run(nodes, env)
+                    saved.update({n: env[n] for n in nodes if n in self.carried})
+                    env = dict(saved)   # what later blocks read; the rest of this block is dropped
+            grads: dict[str, torch.Tensor] = {}   # a weight read in two blocks (a tied table): both parts
+
+            def block(k, inputs):
+                leaves = {}
+                env = {**saved, **inputs}
+                self._run(self.segments[k], env, leaves)
+                return env, leaves
+
+            def collect(leaves):
+                for t, p in leaves.items():
+                    if p.grad is not None:
+                        grads[t] = grads[t] + p.grad if t in grads else p.grad
+
+            x = saved[self.stream[-1]].detach().requires_grad_()   # the head: final norm, output, loss
+            env, leaves = block(last, {self.stream[-1]: x})
+            out = next(n for n in self.segments[last] if n.op == "output")
+            F.cross_entropy(env[out][0, :-1], ids[1:]).backward()
+            collect(leaves)
+            for k in range(last - 1, -1, -1):   # block k: stream[k-1] (the tokens for k = 0) -> stream[k]
+                grad = x.grad
+                x = saved[self.stream[k - 1]].detach().requires_grad_() if k else None
+                env, leaves = block(k, {self.stream[k - 1]: x} if k else {start: ids[None]})
+                if x is not None or leaves:
+                    env[self.stream[k]].backward(grad)
+                    collect(leaves)
+            for t, g in grads.items():
+                acc[t] = acc[t] + g.square() if t in acc else g.square()
+        return acc

@@ -15,6 +15,7 @@ from .sensitivity import fisher
 class SplitOutliers(Pass):
     """Dense-and-sparse (SqueezeLLM): move each linear's most sensitive and largest weights to a CSR matrix (fp16 values)."""
     name = "split-outliers"
+    applications = "each linear, by its path (`layers.3.mlp.down_proj`)"
     after = ("fuse-rotations", "insert-hadamard")
 
     @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SplitOutliers(Pass):
     def run(self, ir, ctx: PassContext) -> PassResult:
         c = self.config
         s = ir.linears   # no other structure: any captured model's linears
-        todo = [lin for lin in s.linears.values() if c.lm_head or lin is not s.lm_head]
+        todo = [lin for lin in s.linears.values() if (c.lm_head or lin is not s.lm_head) and ctx.applies(lin.path)]
         if any(lin.frozen for lin in todo) or not todo or c.fraction == 0:
             if any(lin.quantized for lin in todo):
                 raise PassFailure("linears are already quantized; split-outliers must come before quantize-weights")

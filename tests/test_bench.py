@@ -38,6 +38,28 @@ def test_bench_quality_rows_and_resume(tmp_path):
     assert sum("kept from an earlier run" in m for m in logs) == 3
 
 
+def test_bench_quality_gguf_rows_beside_llama_cpps_quantizer(tmp_path):
+    """--gguf: each recipe's GGUF in llama.cpp, where its grid is a GGUF type (skipped with the
+    reason where not), beside llama.cpp's own Q4_0 of the same float weights, all on lowbit's tokens."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'lowbit[llamacpp]')")
+    import torch
+    from models import tiny_hf_dir
+    tiny_hf_dir(tmp_path / "m", "llama", torch.float32)
+    text = tmp_path / "t.txt"
+    text.write_text("the lazy dog jumps over the quick brown fox " * 60)
+    rep = bench_quality(str(tmp_path / "m"), str(text), str(text), ["gguf-q4_0", "w4-rtn"], ["llamacpp-q4_0"],
+                        tmp_path / "b", ctx=64, max_tokens=1024, gguf=True, log=lambda m: None)
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert list(rows) == ["fp32", "gguf-q4_0", "gguf-q4_0 (llama.cpp)", "w4-rtn", "w4-rtn (llama.cpp)", "llamacpp-q4_0"]
+    assert "integer zero points" in rows["w4-rtn (llama.cpp)"]["skipped"]   # group 128, asymmetric: no GGUF type
+    ours, lcpp = rows["gguf-q4_0 (llama.cpp)"], rows["llamacpp-q4_0"]
+    assert ours["bits_per_weight"] == lcpp["bits_per_weight"] == 4.5   # Q4_0: 18 bytes per 32 weights
+    # the GGUF runs what the artifact computes, up to llama.cpp's 8-bit activations (measured 0.1%)
+    assert abs(ours["ppl"] / rows["gguf-q4_0"]["ppl"] - 1) < 0.01
+    # random weights: every row near the vocabulary's 256 (no quality claim), sizes from the files
+    assert abs(lcpp["ppl"] / rows["fp32"]["ppl"] - 1) < 0.1 and lcpp["size_mib"] > 0 and ours["size_mib"] > 0
+
+
 def test_bench_quality_names_unknown_rows(tmp_path):
     with pytest.raises(LowbitError, match="unknown recipe.*nope"):
         bench_quality("x", "t", "c", ["nope"], [], tmp_path)

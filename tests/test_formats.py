@@ -49,6 +49,26 @@ def test_symmetric_has_no_zero_points_and_asymmetric_packs_them():
     assert z.dtype == torch.uint8 and z.shape == (4, 1)
 
 
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), group=st.sampled_from([-1, 32, 7]), k=st.integers(1, 80), seed=st.integers(0, 2**16))
+def test_group_minimum_grid(bits, group, k, seed):
+    """offset=min (llama.cpp's Q4_1 encoding): an fp16 minimum per group, codes over [min, max]
+    (not widened to hold 0), W_hat = code * scale + min in float32; every weight within half a step."""
+    spec = QuantSpec(bits, group, False, "min")
+    w = torch.randn(5, k, generator=torch.Generator().manual_seed(seed)) + 3   # all positive: 0 is outside the range
+    p = pack_weight(w, spec)
+    t = p.tensors
+    cols = torch.arange(k) // spec.group_size(k)
+    assert t["zeros"].dtype == torch.float16 and t["zeros"].shape == t["scales"].shape and p.info["offset"] == "min"
+    codes = unpack(t["qweight"], bits, k).float()
+    want = codes * t["scales"].float()[:, cols] + t["zeros"].float()[:, cols]
+    assert torch.equal(dequantize(t["qweight"], t["scales"], t["zeros"], bits, group, k), want)
+    step = t["scales"].float()[:, cols]
+    assert ((w - want).abs() <= step * 0.5 + 2e-3 * w.abs().max()).all()
+    group_min = torch.stack([w[:, cols == g].amin(1) for g in range(spec.n_groups(k))], 1)
+    assert torch.equal(t["zeros"], group_min.half())   # each group starts at its own minimum
+
+
 def test_clip_search_never_worse_than_minmax():
     w = torch.randn(16, 256) ** 3   # heavy tails: clipping pays
     for bits in (3, 4):
@@ -67,3 +87,5 @@ def test_bad_spec_rejected():
         QuantSpec(9, 128, True)
     with pytest.raises(ValueError, match="group"):
         QuantSpec(4, 0, True)
+    with pytest.raises(ValueError, match="sym=false"):
+        QuantSpec(4, 32, True, "min")

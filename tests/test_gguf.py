@@ -1,5 +1,5 @@
-"""GGUF files (`lowbit export --format gguf`): lowbit's codes and scales written as Q4_0 / Q8_0
-blocks (read back with the gguf package's reference: the same weights), and run by llama.cpp
+"""GGUF files (`lowbit export --format gguf`): lowbit's codes and scales (and minima) written as
+Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks (read back with the gguf package's reference: the same weights), and run by llama.cpp
 itself (llama-cpp-python, when installed): its logits are the artifact's, up to llama.cpp's 8-bit
 activations."""
 import numpy as np
@@ -11,7 +11,7 @@ from lowbit.ir.load import load
 from lowbit.tools import api
 from models import STORIES, need_data, tiny_hf_dir
 
-ROTATED_GPTQ = "fold-norms,fuse-rotations{kind=hadamard},quantize-weights{method=gptq,bits=%d,group=32,sym=true}"
+ROTATED_GPTQ = "fold-norms,fuse-rotations{kind=hadamard},quantize-weights{method=gptq,group=32,%s}"
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,15 @@ def tiny_llama(tmp_path_factory):
     return d, calib
 
 
-@pytest.mark.parametrize("bits,qtype", [(4, "Q4_0"), (8, "Q8_0")])
-def test_rotated_gptq_weights_are_written_as_they_are(tiny_llama, bits, qtype):
+@pytest.mark.parametrize("grid,qtype", [("bits=4,sym=true", "Q4_0"), ("bits=4,sym=false,offset=min", "Q4_1"),
+                                        ("bits=5,sym=true", "Q5_0"), ("bits=5,sym=false,offset=min", "Q5_1"),
+                                        ("bits=8,sym=true", "Q8_0")])
+def test_rotated_gptq_weights_are_written_as_they_are(tiny_llama, grid, qtype):
     import gguf
     d, calib = tiny_llama
-    art = d / f"a{bits}"
-    api.compile(str(d / "m"), passes=ROTATED_GPTQ % bits, calib=calib, out=art, progress=False)
-    path = api.export(str(art), d / f"m{bits}.gguf", format="gguf")
+    art = d / qtype
+    api.compile(str(d / "m"), passes=ROTATED_GPTQ % grid, calib=calib, out=art, progress=False)
+    path = api.export(str(art), d / f"{qtype}.gguf", format="gguf")
     r = gguf.GGUFReader(path)
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert r.fields["general.architecture"].contents() == "llama"
@@ -53,7 +55,8 @@ def test_rotated_gptq_weights_are_written_as_they_are(tiny_llama, bits, qtype):
 
 
 @pytest.mark.parametrize("passes,why", [
-    ("quantize-weights{bits=4,group=32,sym=false}", "asymmetric"),
+    ("quantize-weights{bits=4,group=32,sym=false}", "integer zero points"),
+    ("quantize-weights{bits=4,group=64,sym=false,offset=min}", "group 64"),
     ("fold-norms,fuse-rotations,insert-hadamard,quantize-weights{bits=4,group=32,sym=true}", "lowbit.hadamard"),
 ])
 def test_other_grids_and_online_transforms_are_refused(tiny_llama, passes, why):
@@ -68,3 +71,17 @@ def test_widths_32_does_not_divide_are_refused(tmp_path):
     api.compile(str(STORIES), passes="quantize-weights{bits=4,group=32,sym=true}", out=tmp_path / "a", progress=False)
     with pytest.raises(LowbitError, match="K = 172"):
         api.export(str(tmp_path / "a"), tmp_path / "a.gguf", format="gguf")
+
+
+def test_q4_1_grid_recovers_the_default_models_own_weights(_smol_captured):
+    """The default model ships as a Q4_1 GGUF: each group of 32 is d q + m with q from 0 to 15.
+    Round-to-nearest on the Q4_1 grid (offset=min) finds each group's m and d again and gives
+    back every one of its 210 linears bit for bit; the file it exports holds the same blocks."""
+    import copy
+
+    from lowbit.passes import PassManager
+    ir = copy.deepcopy(_smol_captured)
+    before = {lin.node.name: ir.tensor(lin.weight) for lin in ir.linears.linears.values() if lin is not ir.linears.lm_head}
+    PassManager("quantize-weights{method=rtn,bits=4,group=32,sym=false,offset=min}").run(ir)
+    lins = [lin for lin in ir.linears.linears.values() if lin.quantized]
+    assert len(lins) == 210 and all(torch.equal(ir.constant(lin.weight_node), before[lin.node.name]) for lin in lins)

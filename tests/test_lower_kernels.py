@@ -24,6 +24,22 @@ def test_lowering_keeps_the_numbers(target, quant):
     assert not PassManager(f"lower-kernels{{target={target}}}").run(ir)[0].modified
 
 
+def test_group_minimum_lowers_to_matmul_nbits_only():
+    """offset=min weights: MatMulNBits with float zero points (-min / scale) for onnx-ort, refused
+    by node elsewhere (DequantizeLinear and the CUDA kernels take integer zero points)."""
+    from lowbit.passes.pipeline import PipelineError
+    ir, _ = tiny_ir("llama")
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    PassManager("quantize-weights{bits=4,group=32,sym=false,offset=min}").run(ir)
+    ref = ir(x)
+    for target in ("onnx-qdq", "cuda"):
+        with pytest.raises(PipelineError, match=f"node '\\w+'.*offset=min.*not to {target}"):
+            PassManager(f"lower-kernels{{target={target}}}").run(ir.fork())
+    PassManager("lower-kernels{target=onnx-ort}").run(ir)
+    assert sum(n.target is L.matmul_nbits.default for n in ir.graph.nodes) == 14
+    assert (ir(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("target,kinds", [("onnx-qdq", {L.gather_lut.default, L.scatter_add.default}),
                                           ("trt", {L.lut_matmul.default, L.sparse_matmul.default})])
 def test_lookup_tables_and_outliers_lower_for_each_target(target, kinds):

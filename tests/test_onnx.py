@@ -68,6 +68,24 @@ def test_ort_flavor_uses_matmulnbits_and_4bit_initializers_for_qdq(tmp_path):
     assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dq)
 
 
+@pytest.mark.parametrize("accuracy_level,bound", [(0, 2e-5), (4, 0.05)])
+def test_group_minimum_runs_as_matmulnbits_with_float_zero_points(tmp_path, accuracy_level, bound):
+    """offset=min weights (the Q4_1 grid): MatMulNBits with float zero points -min / scale, run by
+    onnxruntime at both accuracy levels; the qdq flavor refuses them by node."""
+    ir, _ = tiny_ir("llama")
+    PassManager("quantize-weights{bits=4,group=32,sym=false,offset=min}").run(ir)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref = ir(x)
+    path = export_onnx(ir, tmp_path / "m.onnx", "ort", accuracy_level=accuracy_level, half_embedding=False)
+    model = onnx.load(path)
+    zps = {n.input[3] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert len(zps) == 14 and all(i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer if i.name in zps)
+    got = OrtBackend(path).logits(x)
+    assert (got - ref).abs().max() <= bound * ref.abs().max()   # level 4: int8 activations
+    with pytest.raises(LowbitError, match="offset=min"):
+        export_onnx(ir, tmp_path / "q.onnx", "qdq")
+
+
 def test_trt_flavor_has_lowbit_nodes(tmp_path):
     ir, _ = tiny_ir("llama")
     PassManager("fold-norms,fuse-rotations,insert-hadamard,split-outliers{fraction=0.01,sensitive=0},"

@@ -73,7 +73,8 @@ def pipeline_text(recipe: str | None = None, passes: str | None = None) -> tuple
 def compile(model, recipe: str | None = None, *, passes: str | None = None, calib=None, out=None, seed: int = 0,
             tokenizer: str | None = None, force: bool = False, dump_ir=None, verify: bool = False,
             diff: bool = False, provenance: bool = False, progress: bool = True,
-            max_memory: int | None = None) -> Compiled:
+            max_memory: int | None = None, dump_ir_changed: bool = False, dump_ir_tree: bool = False,
+            repro=None) -> Compiled:
     """Run a recipe (or a pipeline text) on a model; with `out`, write the artifact there.
     calib: a text file for the passes that calibrate (never the evaluation text).
 
@@ -82,13 +83,19 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     budget. With `out`, finished pieces of long passes are kept beside it (`.NAME.resume`) until
     the artifact is written: the same command after an interruption resumes from them.
 
+    A pass that fails (or, with `diff`, breaks its contract) leaves a reproducer in `repro`
+    (default: OUT.repro beside the artifact): `lowbit debug repro DIR` reruns exactly that pass.
+    dump_ir: the IR as text before and after each pass (dump_ir_changed: only after passes that
+    changed it; dump_ir_tree: a directory per pass with the IR, its diff and the pass's stats).
+
     Launched by torchrun (`torchrun --nproc-per-node N -m lowbit.tools.cli compile ...`), the
     processes split the calibration windows: Hessians and Fisher sums are added over them, every
     process then quantizes alike, and the first writes the artifact."""
     from lowbit.ir.artifact import check_output_dir, is_artifact, point_at, read_manifest, save_artifact
     from lowbit.ir.load import sha256_files
     from lowbit.passes import PassContext, PassManager
-    from lowbit.passes.instruments import DumpIR, NumericDiff, Provenance, Timing, Verify
+    from lowbit.passes.instruments import DumpIR, NumericDiff, Provenance, Reproducer, Timing, Verify
+    from lowbit.passes.pipeline import PipelineError
     from lowbit.tools.evaluate import read_text, windows
     from lowbit.tools.report import storage
 
@@ -115,13 +122,22 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
                                      "calibration": calib_info and calib_info["sha256"],
                                      "lowbit": package_version("lowbit")}, rank) if out is not None else None
     timing = Timing()
-    pm.instruments = [timing] + ([Provenance()] if provenance else []) + ([DumpIR(dump_ir)] if dump_ir else []) \
-        + ([Verify()] if verify else [])
+    pm.instruments = [timing] + ([Provenance()] if provenance else []) \
+        + ([DumpIR(dump_ir, dump_ir_changed, dump_ir_tree)] if dump_ir else []) + ([Verify()] if verify else [])
+    diff_inputs = torch.randint(0, ir.info.vocab_size, (2, 64), generator=torch.Generator().manual_seed(seed)) \
+        if diff else None
     if diff:
-        pm.instruments.append(NumericDiff(torch.randint(0, ir.info.vocab_size, (2, 64),
-                                                        generator=torch.Generator().manual_seed(seed))))
+        pm.instruments.append(NumericDiff(diff_inputs))
+    repro = repro or (Path(out).parent / f"{Path(out).name}.repro" if out is not None and rank == 0 else None)
+    if repro:
+        pm.instruments.append(reproducer := Reproducer(repro, diff_inputs))
     log.info("running %s", pm)
-    pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress, resume=resume))
+    try:
+        pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress, resume=resume))
+    except PipelineError as e:
+        if repro and reproducer.written:
+            raise PipelineError(f"{e}; a reproducer is in {repro} (lowbit debug repro {repro})") from e
+        raise
     manifest = {"lowbit_version": package_version("lowbit"), "torch_version": torch.__version__,
                 "transformers_version": package_version("transformers"), "python": platform.python_version(),
                 "seed": seed, "recipe": recipe, "calibration": calib_info,

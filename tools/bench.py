@@ -21,7 +21,9 @@ def _key(obj) -> str:
 
 
 def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, ctx: int = 512,
-                  max_tokens: int = 32768, log=print) -> dict:
+                  max_tokens: int = 32768, gguf: bool = False, log=print) -> dict:
+    """gguf: also a row per recipe for its GGUF export run in llama.cpp (on lowbit's tokens),
+    skipped with the reason where the recipe's weights are not on a GGUF grid."""
     from lowbit.ir.load import sha256_files
     from lowbit.passes import RECIPES
     from lowbit.tools import peers as peer_mod
@@ -76,9 +78,13 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
             api.compile(model, name, calib=calib, out=art, force=True)
             st = artifact_storage(art)
             return {"ppl": api.evaluate(str(art), text, ctx=ctx, max_tokens=max_tokens)["ppl"],
-                    "bits_per_weight": st["bits_per_weight"],
+                    "bits_per_weight": st["bits_per_weight"], "size_mib": round(st["total_bytes"] / 2**20, 1),
                     "pipeline": pipeline, "artifact": str(art), "versions": {"lowbit": _version("lowbit")}}
         row(name, "lowbit", doc, run, pipeline)
+        if gguf:
+            row(f"{name} (llama.cpp)", "lowbit", f"the {name} artifact exported to GGUF, run in llama.cpp",
+                lambda name=name: _gguf_row(out / "artifacts" / name, out / "exports" / f"{name}.gguf", text, ctx,
+                                            max_tokens), (pipeline, "gguf"))
 
     for name in peers:
         peer = peer_mod.PEERS[name]
@@ -93,17 +99,37 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
     return report
 
 
+def _gguf_row(art: Path, path: Path, text: str, ctx: int, max_tokens: int) -> dict:
+    """An artifact's GGUF export in llama.cpp, fed the artifact's own tokens."""
+    from lowbit.backends.gguf import linear_bits_per_weight
+    from lowbit.ir.load import load_tokenizer, package_version
+    from lowbit.tools import api
+    from lowbit.tools.deployed import open_gguf
+    from lowbit.tools.evaluate import perplexity, read_text, windows
+    from lowbit.tools.peers import PeerUnavailable
+    try:
+        api.export(str(art), path, format="gguf")
+        runner = open_gguf(path, art / "tokenizer")
+    except LowbitError as e:
+        raise PeerUnavailable(str(e).splitlines()[0]) from None
+    win = windows(load_tokenizer(art / "tokenizer").encode(read_text(text)), ctx, max_tokens)
+    return {"ppl": perplexity(runner.logits, win, progress=False)["ppl"],
+            "bits_per_weight": round(linear_bits_per_weight(path), 4), "size_mib": round(path.stat().st_size / 2**20, 1),
+            "versions": {"llama-cpp-python": package_version("llama-cpp-python")}}
+
+
 def markdown(report: dict) -> str:
     lines = [f"Model {report['model']}; text {Path(report['text']).name}, first {report['max_tokens']} tokens in "
              f"windows of {report['ctx']}; calibration {Path(report['calib']).name}.", "",
-             "| row | kind | ppl | Δppl | bits/weight | what | versions |", "|---|---|---|---|---|---|---|"]
+             "| row | kind | ppl | Δppl | bits/weight | size MiB | what | versions |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         ppl = "skipped" if r["ppl"] is None else f"{r['ppl']:.2f}"
         delta = "" if r["ppl"] is None or r["kind"] == "fp" else f"{r['delta_ppl']:+.2f}"
         bpw = "" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
         what = r["what"] + (f" ({r['skipped']})" if r.get("skipped") else "")
         versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
-        lines.append(f"| {r['name']} | {r['kind']} | {ppl} | {delta} | {bpw} | {what} | {versions} |")
+        size = "" if r.get("size_mib") is None else f"{r['size_mib']:.1f}"
+        lines.append(f"| {r['name']} | {r['kind']} | {ppl} | {delta} | {bpw} | {size} | {what} | {versions} |")
     return "\n".join(lines) + "\n"
 
 

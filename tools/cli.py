@@ -18,7 +18,8 @@ from lowbit.tools import api
 def cmd_compile(args):
     res = api.compile(args.model, args.recipe, passes=args.passes, calib=args.calib, out=args.out, seed=args.seed,
                       tokenizer=args.tokenizer, force=args.force, dump_ir=args.dump_ir, verify=args.verify,
-                      diff=args.diff, provenance=args.provenance, max_memory=args.max_memory)
+                      diff=args.diff, provenance=args.provenance, max_memory=args.max_memory,
+                      dump_ir_changed=args.dump_ir_changed, dump_ir_tree=args.dump_ir_tree)
     man, st = res.manifest, res.manifest["storage"]
     for name, sec in res.seconds:
         print(f"  {sec:8.2f}s  {name}")
@@ -131,7 +132,7 @@ def cmd_bench_quality(args):
     recipes = args.recipes.split(",") if args.recipes is not None else list(DEFAULT_RECIPES)
     peers = args.peers.split(",") if args.peers is not None else list(PEERS)
     rep = bench_quality(args.model, args.text, args.calib, [r for r in recipes if r], [p for p in peers if p],
-                        Path(args.out), args.ctx, args.max_tokens, log=log.info)
+                        Path(args.out), args.ctx, args.max_tokens, args.gguf, log=log.info)
     print(json.dumps(rep, indent=2) if args.json else markdown(rep))
     log.info("tables written to %s/quality.md and quality.json", args.out)
 
@@ -142,6 +143,56 @@ def cmd_bench_scale(args):
                       args.calib, args.max_memory, args.samples, log=log.info)
     print(scale_table(rep))
     log.info("tables written to %s/scale.md and scale.json", args.out)
+
+
+def cmd_debug_compare(args):
+    from lowbit.tools import debug
+    rep = debug.compare(args.a, args.b, text=args.text, inputs=args.inputs, save_inputs=args.save_inputs,
+                        windows=args.windows, ctx=args.ctx, a_backend=args.a_backend, b_backend=args.b_backend,
+                        min_sqnr=args.min_sqnr)
+    print(debug.write_json(rep) if args.json else debug.markdown(rep), end="")
+
+
+def cmd_debug_bisect(args):
+    from lowbit.tools import debug
+    rep = debug.bisect(args.model, args.passes, text=args.text, calib=args.calib, max_ppl=args.max_ppl,
+                       min_sqnr=args.min_sqnr, nan=args.nan, ctx=args.ctx, max_tokens=args.max_tokens, seed=args.seed,
+                       log=log.info)
+    print(json.dumps(rep, indent=1) if args.json else debug.bisect_markdown(rep), end="")
+
+
+def cmd_debug_precision(args):
+    from lowbit.tools import debug
+    rep = debug.precision(args.model, recipe=args.recipe, passes=args.passes, text=args.text, calib=args.calib,
+                          high=args.high, target_ppl=args.target_ppl, max_bpw=args.max_bpw, samples=args.samples,
+                          ctx=args.ctx, max_tokens=args.max_tokens, seed=args.seed, log=log.info)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rep, indent=1))
+    print(json.dumps(rep, indent=1) if args.json else debug.precision_markdown(rep), end="")
+
+
+def cmd_debug_repro(args):
+    from lowbit.tools import debug
+    rep = debug.repro(args.dir)
+    print(f"pass: {rep['pass']}\nrecorded: {rep['recorded']}")
+    print(f"reproduced: {rep['error']}" if rep["reproduced"] else "not reproduced: the pass ran and kept its contract")
+    if rep["reproduced"]:
+        sys.exit(1)
+
+
+def cmd_report(args):
+    from lowbit.ir.artifact import is_artifact
+    from lowbit.tools.html_report import write
+    if not is_artifact(args.artifact):
+        raise LowbitError(f"{args.artifact}: not a lowbit artifact (no manifest.json and graph.json)")
+    if args.bench and not (Path(args.bench) / "quality.json").is_file():
+        raise LowbitError(f"{args.bench}: no quality.json (the --out of lowbit bench quality)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LowbitError("the report's plots need matplotlib: pip install 'lowbit[report]'") from None
+    out = write(args.artifact, args.html or f"{Path(args.artifact).name}-report.html", args.bench)
+    log.info("wrote %s", out)
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -207,6 +258,9 @@ def _add_compile(sub):
     c.add_argument("--tokenizer", help="tokenizer path, when it is not beside the model")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR as text before and after each pass")
+    c.add_argument("--dump-ir-changed", action="store_true", help="with --dump-ir: only after passes that changed it")
+    c.add_argument("--dump-ir-tree", action="store_true",
+                   help="with --dump-ir: a directory per pass (NN-pass/ir.txt, diff.txt, stats.json)")
     c.add_argument("--verify", action="store_true", help="check IR invariants after each pass")
     c.add_argument("--diff", action="store_true", help="check each pass's numerical contract on fixed inputs")
     c.add_argument("--provenance", action="store_true", help="stamp each new node with the pass that made it")
@@ -246,8 +300,9 @@ def _add_export(sub):
                    help="decoder: KV cache in and out (past_key_values.* / present.*); full: input_ids -> logits")
     x.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="MatMulNBits accuracy level: 0 computes in float (exact), 4 with int8 activations (fast)")
-    x.add_argument("--gguf-float", choices=["q8_0", "f32"], default="q8_0",
-                   help="gguf: the tensors left in float (embedding, output): q8_0 as llama.cpp's 4-bit files, or f32")
+    x.add_argument("--gguf-float", choices=["q8_0", "q4_0", "f32"], default="q8_0",
+                   help="gguf: the tensors left in float (embedding, output): q8_0 as llama.cpp's 4-bit files, "
+                        "q4_0 (smaller), or f32")
     x.add_argument("--out", required=True)
     x.set_defaults(fn=cmd_export)
 
@@ -280,6 +335,9 @@ def _add_bench(sub):
     bq.add_argument("--out", default="lowbit-out/bench-quality", help="artifacts, per-row results (resumable), tables")
     bq.add_argument("--ctx", type=_count(2), default=512)
     bq.add_argument("--max-tokens", type=_count(2), default=32768)
+    bq.add_argument("--gguf", action="store_true",
+                    help="also each recipe's GGUF export run in llama.cpp (beside the llamacpp-* peers: llama.cpp's "
+                         "own quantizer)")
     bq.add_argument("--json", action="store_true")
     bq.set_defaults(fn=cmd_bench_quality)
 
@@ -311,6 +369,64 @@ def _add_bench(sub):
     bk.set_defaults(fn=cmd_bench_kernels)
 
 
+def _add_debug(sub):
+    d = sub.add_parser("debug", help="find where accuracy goes: compare two runs value by value")
+    dsub = d.add_subparsers(dest="debug", required=True, parser_class=_Parser)
+    c = dsub.add_parser("compare", help="two runs (models, artifacts, ONNX files; torch or onnxruntime) tap by tap: "
+                                        "each linear's output, each block's, the logits")
+    c.add_argument("a", help="model, artifact or .onnx file lowbit exported")
+    c.add_argument("b", help="the same kinds; an artifact against its source compares in the artifact's basis")
+    c.add_argument("--text", help="token windows from this text")
+    c.add_argument("--inputs", help="token windows saved by --save-inputs (instead of --text)")
+    c.add_argument("--save-inputs", metavar="FILE", help="write the windows used, to repeat the comparison")
+    c.add_argument("--windows", type=_count(1), default=2)
+    c.add_argument("--ctx", type=_count(2), default=128)
+    c.add_argument("--a-backend", choices=["torch", "ort"], default="torch")
+    c.add_argument("--b-backend", choices=["torch", "ort"], default="torch")
+    c.add_argument("--min-sqnr", type=float, default=20.0, help="report the first tap below this SQNR (dB)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_debug_compare)
+
+    b = dsub.add_parser("bisect", help="the first pass, then the first of its applications, that breaks a model")
+    b.add_argument("model")
+    b.add_argument("--passes", required=True, help="the pipeline to search")
+    b.add_argument("--text", required=True, help="token windows the criterion is measured on")
+    b.add_argument("--calib", help="calibration text, for passes that need it")
+    crit = b.add_argument_group("criterion (one or more)")
+    crit.add_argument("--max-ppl", type=float, help="broken: perplexity on the windows above this")
+    crit.add_argument("--min-sqnr", type=float, help="broken: logits SQNR against the model as loaded below this (dB)")
+    crit.add_argument("--nan", action="store_true", help="broken: NaN or Inf in the logits (a pass error always is)")
+    b.add_argument("--ctx", type=_count(2), default=128)
+    b.add_argument("--max-tokens", type=_count(2), default=2048)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_debug_bisect)
+
+    p = dsub.add_parser("precision", help="which linears a recipe should keep at higher precision to reach a "
+                                          "perplexity or fill a size: a mixed-precision pipeline")
+    p.add_argument("model")
+    p.add_argument("--recipe")
+    p.add_argument("--passes", help="a pipeline instead of a recipe")
+    p.add_argument("--text", required=True, help="perplexity of each candidate on this text")
+    p.add_argument("--calib", required=True, help="calibration text (sensitivities; passes that calibrate)")
+    p.add_argument("--high", help="options over the recipe's quantize-weights for the promoted linears "
+                                  "(default: one more bit), e.g. bits=4,group=64")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-ppl", type=float, help="the fewest promoted linears reaching this perplexity")
+    goal.add_argument("--max-bpw", type=float, help="the most promoted linears within these bits per weight")
+    p.add_argument("--samples", type=_count(1), default=16, help="calibration windows for the Fisher information")
+    p.add_argument("--ctx", type=_count(2), default=512)
+    p.add_argument("--max-tokens", type=_count(2), default=32768)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the report (with the full ranking) as JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_debug_precision)
+
+    r = dsub.add_parser("repro", help="rerun the pass a failed compile's reproducer recorded (exit 1: it fails again)")
+    r.add_argument("dir", help="the reproducer directory (a failed compile names it: OUT.repro)")
+    r.set_defaults(fn=cmd_debug_repro)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="lowbit", description="Compile LLMs into low-bit models.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -326,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
     _add_bench(sub)
+    _add_debug(sub)
+    rp = sub.add_parser("report", help="an HTML page of an artifact: per-linear SQNR and bits, passes, plots")
+    rp.add_argument("artifact")
+    rp.add_argument("--html", metavar="FILE", help="where to write it (default: ARTIFACT-report.html here)")
+    rp.add_argument("--bench", metavar="DIR", help="a bench quality directory: perplexity against bits per weight")
+    rp.set_defaults(fn=cmd_report)
     pl = sub.add_parser("plugins", help="CUDA kernels: build")
     plsub = pl.add_subparsers(dest="plugins", required=True, parser_class=_Parser)
     pb = plsub.add_parser("build", help="compile plugins/kernels.cu with nvcc for sm_80 and sm_90")

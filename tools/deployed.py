@@ -104,11 +104,15 @@ def _compressed(folder: Path, tokenizer: Path | None) -> Deployed:
     return Deployed("compressed-tensors", logits, greedy, _tokenizer(tokenizer or folder, str(folder)), ctx)
 
 
-def _gguf(path: Path, tokenizer: Path | None, fields) -> Deployed:
+def open_gguf(path: Path, tokenizer: Path | None = None, fields=None) -> Deployed:
+    """A GGUF file in llama.cpp (llama-cpp-python): lowbit's, or any llama-architecture file."""
     try:
         import llama_cpp
     except ImportError as e:
-        raise LowbitError("a GGUF file lowbit wrote runs in llama.cpp: pip install 'lowbit[llamacpp]'") from e
+        raise LowbitError("a GGUF file runs in llama.cpp here: pip install 'lowbit[llamacpp]'") from e
+    if fields is None:
+        import gguf
+        fields = gguf.GGUFReader(path).fields
     ctx = int(fields["llama.context_length"].contents())
     llm = llama_cpp.Llama(str(path), n_ctx=ctx, logits_all=True, verbose=False, n_batch=min(ctx, 512))
 
@@ -153,5 +157,5 @@ def open_deployed(path, tokenizer=None) -> Deployed | None:
         fields = gguf.GGUFReader(p).fields
         by = fields.get("general.quantized_by")
         if by is not None and by.contents() == "lowbit":
-            return _gguf(p, tok, fields)
+            return open_gguf(p, tok, fields)
     return None

@@ -45,12 +45,18 @@ def passes_markdown() -> str:
            "a test fails when this page is stale.", "",
            "A pipeline is a comma-separated list of passes, each with options in braces: "
            "`fold-norms,quantize-weights{method=gptq,bits=4,group=128}`. The order each pass declares "
-           "is checked when the text is parsed.", ""]
+           "is checked when the text is parsed.", "",
+           "Every pass also takes `only=PATTERNS`: fnmatch patterns joined by `|` (`only=layers.3.*|lm_head`); "
+           "it then makes only the applications whose names match (listed per pass below), leaving the rest to "
+           "later entries: `quantize-weights{bits=4,only=layers.0.*},quantize-weights{bits=3}` is a mixed-precision "
+           "pipeline. `lowbit debug bisect` searches a pass's applications in the same order.", ""]
     for name, cls in _passes():
         p = cls()
         out += [f"## `{name}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
                 f"- options (defaults): `{name}{{{_options(cls)}}}`" if _options(cls) else "- no options",
                 f"- contract: {p.contract()}"]
+        if cls.applications:
+            out.append(f"- applications (`only=`): {cls.applications}")
         out += [f"- {line}" for line in _order(cls)]
         out.append("")
     out += ["## Recipes", "", "| recipe | what | pipeline |", "|---|---|---|"]

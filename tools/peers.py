@@ -164,6 +164,43 @@ def _quanto(model) -> float:
     return bits / weights
 
 
+# -- llama.cpp's own quantizer ----------------------------------------------------------------
+def _llama_cpp(ftype: str):
+    """llama.cpp's quantizer (llama_model_quantize) on a float32 GGUF of the model as loaded (written
+    by lowbit), the embedding as Q8_0 as in lowbit's GGUF files; run in llama.cpp on the same tokens."""
+    def run(model_spec, text, ctx, max_tokens, out):
+        versions = _need("llama-cpp-python", "gguf")
+        import ctypes
+
+        import llama_cpp
+        from lowbit.backends.gguf import export_gguf, linear_bits_per_weight
+        from lowbit.ir.errors import LowbitError
+        from lowbit.tools.api import load
+        from lowbit.tools.deployed import open_gguf
+        from lowbit.tools.evaluate import perplexity
+        ir = load(model_spec)
+        f32, tok = out / "peers" / "fp32.gguf", out / "peers" / "tokenizer"
+        tok.mkdir(parents=True, exist_ok=True)
+        ir.tokenizer.save(tok)
+        if not f32.is_file():
+            try:
+                export_gguf(ir, f32, tok, "f32")
+            except LowbitError as e:
+                raise PeerUnavailable(str(e).splitlines()[0]) from None
+        path = out / "peers" / f"llamacpp-{ftype.lower()}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+        params.nthread = torch.get_num_threads()
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama_model_quantize to {ftype} failed")
+        win = _windows(ir.tokenizer, text, ctx, max_tokens)
+        ppl = perplexity(open_gguf(path, tok).logits, win, progress=False)["ppl"]
+        return {"ppl": ppl, "bits_per_weight": round(linear_bits_per_weight(path), 4), "versions": versions,
+                "size_mib": round(path.stat().st_size / 2**20, 1)}
+    return run
+
+
 PEERS: dict[str, Peer] = {
     "ort-rtn-sym": Peer("onnxruntime MatMulNBits quantizer, RTN int4 symmetric, block 128, run in onnxruntime",
                         _ort("rtn-sym")),
@@ -174,4 +211,6 @@ PEERS: dict[str, Peer] = {
     "hqq-g64": Peer("hqq int4 (half-quadratic zero/scale fit), group 64, torch", _torch_peer(_hqq(64), ["hqq"])),
     "quanto-int4": Peer("optimum-quanto qint4 weights (default group 128), torch",
                         _torch_peer(_quanto, ["optimum-quanto"])),
+    "llamacpp-q4_0": Peer("llama.cpp's quantizer, Q4_0 (embedding Q8_0), run in llama.cpp", _llama_cpp("Q4_0")),
+    "llamacpp-q4_1": Peer("llama.cpp's quantizer, Q4_1 (embedding Q8_0), run in llama.cpp", _llama_cpp("Q4_1")),
 }

@@ -91,7 +91,8 @@ def format_inspect(rep: dict) -> str:
              f"model     {rep['model'].get('source')} ({rep['model'].get('family')})",
              f"pipeline  {rep['pipeline']}", "", "passes:"]
     for p in rep["passes"]:
-        keep = {k: v for k, v in p.items() if k not in ("pass", "config", "weight_sqnr_db", "contract", "groups")}
+        keep = {k: v for k, v in p.items() if k not in ("pass", "config", "weight_sqnr_db", "contract", "groups", "hessian",
+                                                         "applied")}
         lines.append(f"  {p['pass']}  [{p.get('contract')}]")
         lines.append("      " + ", ".join(f"{k}={v}" for k, v in keep.items()))
     lines += ["", f"quantized linears: {st['quantized_linears']}  weights: {st['quantized_weights']:,}  "

@@ -16,12 +16,12 @@ DENSE_OPS = frozenset(f.op for f in FORMATS if not f.additive)      # make a wei
 ADDITIVE_OPS = frozenset(f.op for f in FORMATS if f.additive)       # add stored tensors to a weight
 
 
-def lower(ir, target: str) -> dict[str, int]:
+def lower(ir, target: str, applies=lambda name: True) -> dict[str, int]:
     """Rewrite every weight-format op for a kernel target (additive formats first: they read the
-    weight the others make); returns how many of each kind."""
+    weight the others make), those `applies(node name)` allows; returns how many of each kind."""
     counts: dict[str, int] = {}
     for f in sorted(FORMATS, key=lambda f: not f.additive):
-        for n in [n for n in ir.graph.nodes if n.target is f.op]:
+        for n in [n for n in ir.graph.nodes if n.target is f.op and applies(n.name)]:
             kind = f.lower(ir, n, target)
             counts[kind] = counts.get(kind, 0) + 1
     return counts

@@ -10,6 +10,9 @@ Layout (what lowbit's packers write and every kernel reads):
 - asymmetric: `zeros` uint8 [N, ceil(n_groups*bits/8)], codes packed like qweight.
   symmetric: no zeros tensor; the zero point is 2**(bits-1) for every group.
 - W_hat[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]   (op `lowbit.dequantize`).
+- asymmetric with offset "min" (llama.cpp's Q4_1/Q5_1 encoding): `zeros` is float16 [N, n_groups],
+  each group's minimum m, and W_hat[n, k] = code[n, k] * scale[n, k // G] + m[n, k // G] in
+  float32 (the group's range [min, max] over 2^bits - 1 steps, not widened to hold 0).
 
 Kernel layouts its lowering writes:
 - MatMulNBits (onnxruntime's `com.microsoft::MatMulNBits`; targets onnx-ort and cuda):
@@ -25,7 +28,8 @@ Kernel layouts its lowering writes:
   cannot hold): codes [K, N] (the transposed weight; int8 signed codes code - 2^(bits-1) for
   symmetric weights, uint8 with zero points otherwise), scales float32 [ceil(K / block), N], zero
   points uint8 [ceil(K / block), N]; the export stores 2- to 4-bit codes and zero points as ONNX
-  INT4/UINT4."""
+  INT4/UINT4. DequantizeLinear has integer zero points only: offset-"min" weights lower to
+  MatMulNBits, whose zero points may be float (-min / scale per block), and nothing else."""
 from __future__ import annotations
 
 import functools
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lowbit.ir.errors import LowbitError
+
 from .base import Packed, WeightFormat, base_name, four_bit, pack, plus_bias, unpack, weight_of
 
 
@@ -43,12 +49,17 @@ class QuantSpec:
     bits: int
     group: int  # -1: per output channel
     sym: bool
+    offset: str = "zero"   # asymmetric: an integer zero point ("zero") or an fp16 group minimum ("min")
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.group != -1 and self.group < 1:
             raise ValueError(f"group must be -1 or a positive size, got {self.group}")
+        if self.offset not in ("zero", "min"):
+            raise ValueError(f"offset must be zero or min, got {self.offset}")
+        if self.offset == "min" and self.sym:
+            raise ValueError("offset=min is an asymmetric grid: use it with sym=false")
 
     def group_size(self, k: int) -> int:
         return k if self.group == -1 else self.group
@@ -69,8 +80,14 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def _fit(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zero points per group from min/max. wg: [N, G, g] float64."""
+    """Scales and zero points per group from min/max. wg: [N, G, g] float64. Offset "min": the
+    scale and minimum are rounded to fp16 as stored, and the zero point is the float -min / scale."""
     qmax = (1 << spec.bits) - 1
+    if spec.offset == "min":
+        lo = wg.amin(-1).half().to(wg.dtype)
+        scale = ((wg.amax(-1) - lo) / qmax).half().to(wg.dtype)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, -lo / scale
     if spec.sym:
         half = 1 << (spec.bits - 1)
         scale = wg.abs().amax(-1) / (half - 1)
@@ -83,8 +100,15 @@ def _fit(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]
     return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
 
 
-def _codes(wg, scale, zero, bits):
-    return torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
+def to_grid(values, scale, zero, spec: QuantSpec):
+    """Codes of `values` under scale and zero point of the same shape (an integer zero point is
+    added after rounding, a float one, offset "min", before)."""
+    q = torch.round(values / scale + zero) if spec.offset == "min" else torch.round(values / scale) + zero
+    return torch.clamp(q, 0, (1 << spec.bits) - 1)
+
+
+def _codes(wg, scale, zero, spec):
+    return to_grid(wg, scale[..., None], zero[..., None], spec)
 
 
 def fit_groups(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False, grid: int = 20,
@@ -102,7 +126,7 @@ def fit_groups(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False, grid
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
         s, z = _fit(wg * ratio, spec)
         s = s.half().to(dtype)
-        err = ((_codes(wg, s, z, spec.bits) - z[..., None]) * s[..., None] - wg).pow(2).sum(-1)
+        err = ((_codes(wg, s, z, spec) - z[..., None]) * s[..., None] - wg).pow(2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
@@ -113,7 +137,7 @@ def fit_groups(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False, grid
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes [N, K] (int32) of W [N, K] under per-group scale/zero [N, G] (in scale's dtype)."""
     n, k = w.shape
-    codes = _codes(_grouped(w.to(scale.dtype), spec.group_size(k)), scale, zero, spec.bits)
+    codes = _codes(_grouped(w.to(scale.dtype), spec.group_size(k)), scale, zero, spec)
     return codes.reshape(n, -1)[:, :k].to(torch.int32)
 
 
@@ -135,9 +159,13 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -
 # -- packing and the reference op ----------------------------------------------------------------------
 def packed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> Packed:
     """The stored form of codes [N, K] with per-group scale and zero [N, G]."""
-    zeros = None if spec.sym else pack(zero.to(torch.int32), spec.bits)
+    info = {"bits": spec.bits, "group": spec.group, "sym": spec.sym}
+    if spec.offset == "min":   # the fp16 minimum -zero * scale was (exactly: see _fit)
+        zeros, info["offset"] = (-zero * scale).to(torch.float16), "min"
+    else:
+        zeros = None if spec.sym else pack(zero.to(torch.int32), spec.bits)
     return Packed(FORMAT, {"qweight": pack(codes, spec.bits), "scales": scale.to(torch.float16), "zeros": zeros},
-                  (spec.bits, spec.group, codes.shape[1]), {"bits": spec.bits, "group": spec.group, "sym": spec.sym})
+                  (spec.bits, spec.group, codes.shape[1]), info)
 
 
 def pack_weight(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> Packed:
@@ -154,6 +182,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     g = k if group == -1 else group
     codes = unpack(qweight, bits, k).to(torch.float32)
     col_group = torch.arange(k) // g
+    if zeros is not None and zeros.is_floating_point():   # offset "min": code * scale + minimum
+        return codes * scales.to(torch.float32)[:, col_group] + zeros.to(torch.float32)[:, col_group]
     if zeros is None:
         zero = torch.full((1, 1), float(1 << (bits - 1)))
     else:
@@ -190,7 +220,9 @@ def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int):
     block_group = (torch.arange(n_blocks) * bs) // g            # the lowbit group each block is in
     s = scales.float()[:, block_group].reshape(-1)
     zp = None
-    if zeros is not None:
+    if zeros is not None and zeros.is_floating_point():   # offset "min": float zero points -min / scale
+        zp = (-zeros.float() / scales.float())[:, block_group].reshape(-1)
+    elif zeros is not None:
         zp = pack(unpack(zeros, bits, scales.shape[1])[:, block_group], bits).reshape(-1)
     return b, s, zp, bs
 
@@ -204,6 +236,8 @@ def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_po
     s = scales.float().reshape(N, n_blocks)
     if zero_points is None:
         z = torch.full_like(s, float(1 << (bits - 1)))
+    elif zero_points.is_floating_point():   # MatMulNBits' float zero points: one per block
+        z = zero_points.float().reshape(N, n_blocks)
     else:
         z = unpack(zero_points.reshape(N, -1), bits, n_blocks).float()
     blk = torch.arange(n_blocks * block_size, device=b.device) // block_size
@@ -251,6 +285,10 @@ class Uniform(WeightFormat):
         bits, group, k = n.args[3:6]
         use = weight_of(n)
         base = base_name(n)
+        fmin = z is not None and z.is_floating_point()
+        if fmin and not (target == "onnx-ort" and use and bits in (2, 4, 8) and block_size_for(group, k)):
+            raise LowbitError(f"node '{n.name}': weights with an fp16 group minimum (offset=min) lower to MatMulNBits "
+                              f"(target onnx-ort, 2, 4 or 8 bits) only, not to {target} ({bits}-bit, group {group})")
         if target in ("onnx-ort", "cuda") and use and bits in (2, 4, 8) and block_size_for(group, k):
             lin, bias = use
             b, scales, zp, bs = to_matmul_nbits(q, s, z, bits, group, k)
