@@ -8,6 +8,11 @@ RECIPES: dict[str, tuple[str, str]] = {
     "quarot-w4-gptq": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
                        "quantize-weights{method=gptq,bits=4,group=128,sym=false}",
                        "QuaRot-style random Hadamard rotations, then int4 asymmetric GPTQ, group 128 (needs --calib)"),
+    "w4-gptq-g64": ("quantize-weights{method=gptq,bits=4,group=64,sym=false}",
+                    "w4-gptq in groups of 64, a group every input width of the default model divides (needs --calib)"),
+    "quarot-w4-gptq-g64": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
+                           "quantize-weights{method=gptq,bits=4,group=64,sym=false}",
+                           "quarot-w4-gptq in groups of 64 (needs --calib)"),
     "quarot-w4-gptq-deploy": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard{r3=false},"
                               "quantize-weights{method=gptq,bits=4,group=128,sym=false},"
                               "quantize-weights{method=rtn,bits=8,group=128,sym=false,lm_head=true}",

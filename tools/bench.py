@@ -88,7 +88,7 @@ def bench_quality(model: str, text: str, calib: str, recipes, peers, out: Path, 
 
     for name in peers:
         peer = peer_mod.PEERS[name]
-        row(name, "peer", peer.what, lambda peer=peer: peer.run(model, text, ctx, max_tokens, out), peer.what)
+        row(name, "peer", peer.what, lambda peer=peer: peer.run(model, text, ctx, max_tokens, out, calib), peer.what)
 
     fp_ppl = rows[0]["ppl"]
     for r in rows:

@@ -126,7 +126,6 @@ def align(a: Side, b: Side) -> list[str]:
             replay = [e for e in map(parse_entry, other.ir.passes_run) if e.pass_cls.changes_basis]
             if not replay:
                 return []
-            src.ir = src.ir.fork() if not src.ir.stored else src.ir
             src.ir.extra_tensors = dict(other.ir.extra_tensors)   # learned rotations: reused, not learned again
             PassManager(replay).run(src.ir, PassContext(seed=other.seed, progress=False))
             text = ",".join(e.text() for e in replay)
@@ -170,7 +169,8 @@ def compare(a_spec: str, b_spec: str, *, text=None, inputs=None, save_inputs=Non
         if save_inputs:
             Path(save_inputs).parent.mkdir(parents=True, exist_ok=True)
             save_file({"input_ids": ids.contiguous()}, str(save_inputs))
-        notes = align(a, b)
+        notes = align(a, b) + [f"{s.label}: exported here to ONNX, MatMulNBits at accuracy level 4 (int8 activations) "
+                               "as deployed" for s in (a, b) if s.backend == "ort" and s.ir is not None]
         ref = a.ir if a.ir is not None else b.ir
         if ref is None:
             raise LowbitError("compare needs a model or an artifact on one side (two bare ONNX files have no taps in common "
@@ -179,7 +179,7 @@ def compare(a_spec: str, b_spec: str, *, text=None, inputs=None, save_inputs=Non
         if why:
             notes.append(why)
         if a.ir is not None and b.ir is not None and not (a.is_source or b.is_source):
-            basis = [[e for e in s.ir.passes_run if parse_basis(e)] for s in (a, b)]
+            basis = [[e for e in s.ir.passes_run if _changes_basis(e)] for s in (a, b)]
             if basis[0] != basis[1]:
                 notes.append(f"the two pipelines change the basis differently ({basis[0] or 'none'} and {basis[1] or 'none'}): "
                              "inner values are not comparable, only the logits are")
@@ -203,7 +203,7 @@ def compare(a_spec: str, b_spec: str, *, text=None, inputs=None, save_inputs=Non
             "fused_by_onnxruntime": fused}
 
 
-def parse_basis(entry_text: str) -> bool:
+def _changes_basis(entry_text: str) -> bool:
     from lowbit.passes.pipeline import parse_entry
     return parse_entry(entry_text).pass_cls.changes_basis
 

@@ -4,6 +4,7 @@ model, evaluated by the same protocol. Each peer quantizes every linear but the 
 bits per weight from what it stores. A peer whose package is missing is skipped, with the reason."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +20,7 @@ class PeerUnavailable(Exception):
 @dataclass
 class Peer:
     what: str
-    run: Callable   # (model spec, text path, ctx, max_tokens, out dir) -> row dict
+    run: Callable   # (model spec, text path, ctx, max_tokens, out dir, calibration text path) -> row dict
 
 
 def _need(*pkgs):
@@ -76,7 +77,7 @@ def _matmulnbits_bpw(model) -> float:
 
 
 def _ort(config: str):
-    def run(model_spec, text, ctx, max_tokens, out):
+    def run(model_spec, text, ctx, max_tokens, out, calib):
         versions = _need("onnxruntime", "onnx")
         import onnx
         import onnxruntime as ort
@@ -109,12 +110,13 @@ def _ort(config: str):
 
 # -- hqq and optimum-quanto, on the torch model ------------------------------------------------
 def _torch_peer(quantize_fn, pkgs):
-    def run(model_spec, text, ctx, max_tokens, out):
+    """quantize_fn(model, tokenizer, calibration text path) -> bits per weight, quantizing in place."""
+    def run(model_spec, text, ctx, max_tokens, out, calib):
         versions = _need(*pkgs)
         from lowbit.tools.defaults import load_model
         from lowbit.tools.evaluate import perplexity
         model, tok, _ = load_model(model_spec)
-        bpw = quantize_fn(model)
+        bpw = quantize_fn(model, tok, calib)
         win = _windows(tok, text, ctx, max_tokens)
         with torch.no_grad():
             ppl = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, win, progress=False)["ppl"]
@@ -130,7 +132,7 @@ def _linears(model):
 
 
 def _hqq(group: int):
-    def quantize(model) -> float:
+    def quantize(model, tok, calib) -> float:
         from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
         HQQLinear.set_backend(HQQBackend.PYTORCH)
         cfg = BaseQuantizeConfig(nbits=4, group_size=group, axis=1)
@@ -148,7 +150,7 @@ def _hqq(group: int):
     return quantize
 
 
-def _quanto(model) -> float:
+def _quanto(model, tok, calib) -> float:
     from optimum.quanto import freeze, qint4, quantize
     from optimum.quanto.nn import QModuleMixin
     head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
@@ -164,11 +166,78 @@ def _quanto(model) -> float:
     return bits / weights
 
 
+# -- AutoRound (sign-gradient rounding and clipping) ---------------------------------------------------
+def _autoround(group: int, iters: int):
+    """Intel's AutoRound on the torch model: each block's rounding offsets and clipping ranges tuned
+    by sign-gradient descent against its float output, on the same 64 calibration windows of 512
+    tokens lowbit's recipes use (given as token batches). It leaves the weights
+    fake-quantized in place with fp16 scales and integer zero points, as its GPTQ-style export
+    stores them: bits per weight 4 + (16 + 4) / group."""
+    def quantize(model, tok, calib) -> float:
+        import logging
+
+        from auto_round import AutoRound
+
+        from lowbit.tools.evaluate import read_text, windows
+        logging.getLogger("auto_round").setLevel(logging.WARNING)
+        win = windows(tok.encode(read_text(calib)), 512, 64 * 512)
+        batches = [win[i:i + 8] for i in range(0, len(win), 8)]   # lowbit's calibration windows, as token batches
+        ar = AutoRound(model, tok, bits=4, group_size=group, sym=False, dataset=batches, nsamples=len(win), seqlen=512,
+                       iters=iters, batch_size=8, device_map="cpu", enable_torch_compile=False, seed=0)
+        ar.quantize()
+        bits = weights = 0
+        left = [lin for _, _, lin in _linears(model) if not hasattr(lin, "scale")]
+        if left:
+            widths = sorted({lin.in_features for lin in left})
+            raise PeerUnavailable(f"AutoRound kept {len(left)} of {len(_linears(model))} linears in float at group {group} "
+                                  f"(input widths {widths} are not multiples of it)")
+        for _, _, lin in _linears(model):
+            weights += lin.weight.numel()
+            bits += 4 * lin.weight.numel() + 16 * lin.scale.numel() + 4 * lin.zp.numel()
+        return bits / weights
+    return quantize
+
+
+# -- llm-compressor, in its own environment ---------------------------------------------------------
+def _llmcompressor(recipe: str, group: int):
+    """llm-compressor's oneshot (tools/llmcompressor_peer.py) run by the Python named in
+    LOWBIT_LLMCOMPRESSOR_PYTHON: its pins (transformers <= 5.17, compressed-tensors 0.19) conflict
+    with lowbit's, so it cannot be an extra of lowbit's own environment. It gets the model as a
+    float32 Hugging Face directory and lowbit's calibration and evaluation windows."""
+    def run(model_spec, text, ctx, max_tokens, out, calib):
+        import os
+        import subprocess
+
+        from safetensors.torch import save_file
+
+        from lowbit.tools.defaults import load_model
+        from lowbit.tools.evaluate import read_text, windows
+        python = os.environ.get("LOWBIT_LLMCOMPRESSOR_PYTHON")
+        if not python:
+            raise PeerUnavailable("llm-compressor pins transformers<=5.17 and compressed-tensors 0.19: set "
+                                  "LOWBIT_LLMCOMPRESSOR_PYTHON to a Python that has it (python -m venv v && "
+                                  "v/bin/pip install torch==2.13.0 llmcompressor)")
+        model, tok, _ = load_model(model_spec)
+        d = out / "peers" / "hf-fp32"
+        if not (d / "config.json").exists():
+            model.save_pretrained(d)
+        w = out / "peers" / "windows.safetensors"
+        save_file({"calib": windows(tok.encode(read_text(calib)), 512, 64 * 512).contiguous(),
+                   "eval": _windows(tok, text, ctx, max_tokens).contiguous()}, str(w))
+        res = out / "peers" / f"llmcompressor-{recipe}-g{group}.json"
+        proc = subprocess.run([python, str(Path(__file__).with_name("llmcompressor_peer.py")), str(d), str(w), recipe,
+                               str(group), str(res)], capture_output=True, text=True)
+        if proc.returncode:
+            raise PeerUnavailable("llm-compressor failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+        return json.loads(res.read_text())
+    return run
+
+
 # -- llama.cpp's own quantizer ----------------------------------------------------------------
 def _llama_cpp(ftype: str):
     """llama.cpp's quantizer (llama_model_quantize) on a float32 GGUF of the model as loaded (written
     by lowbit), the embedding as Q8_0 as in lowbit's GGUF files; run in llama.cpp on the same tokens."""
-    def run(model_spec, text, ctx, max_tokens, out):
+    def run(model_spec, text, ctx, max_tokens, out, calib):
         versions = _need("llama-cpp-python", "gguf")
         import ctypes
 
@@ -211,6 +280,19 @@ PEERS: dict[str, Peer] = {
     "hqq-g64": Peer("hqq int4 (half-quadratic zero/scale fit), group 64, torch", _torch_peer(_hqq(64), ["hqq"])),
     "quanto-int4": Peer("optimum-quanto qint4 weights (default group 128), torch",
                         _torch_peer(_quanto, ["optimum-quanto"])),
+    "autoround-g128": Peer("AutoRound int4 asymmetric, group 128, 200 sign-gradient steps per block, 64 x 512 "
+                           "calibration tokens, torch", _torch_peer(_autoround(128, 200), ["auto-round"])),
+    "autoround-g64": Peer("AutoRound int4 asymmetric, group 64, 200 sign-gradient steps per block, 64 x 512 "
+                          "calibration tokens, torch", _torch_peer(_autoround(64, 200), ["auto-round"])),
+    "llmcompressor-gptq-g128": Peer("llm-compressor GPTQ int4 asymmetric, group 128, act-order (its own environment)",
+                                    _llmcompressor("gptq", 128)),
+    "llmcompressor-gptq-g64": Peer("llm-compressor GPTQ int4 asymmetric, group 64, act-order (its own environment)",
+                                   _llmcompressor("gptq", 64)),
+    "llmcompressor-quip-gptq-g64": Peer("llm-compressor QuIP transforms (random Hadamards online on every linear's "
+                                        "input and output) then GPTQ, group 64 (its own environment)",
+                                        _llmcompressor("quip-gptq", 64)),
+    "llmcompressor-spinquant-gptq-g64": Peer("llm-compressor SpinQuant R1 and R2 Hadamards fused into the weights, then "
+                                             "GPTQ, group 64 (its own environment)", _llmcompressor("spinquant-gptq", 64)),
     "llamacpp-q4_0": Peer("llama.cpp's quantizer, Q4_0 (embedding Q8_0), run in llama.cpp", _llama_cpp("Q4_0")),
     "llamacpp-q4_1": Peer("llama.cpp's quantizer, Q4_1 (embedding Q8_0), run in llama.cpp", _llama_cpp("Q4_1")),
 }
