@@ -266,7 +266,7 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
     prog = torch.onnx.export(module.eval(), example, dynamo=True, opset_version=23, verbose=False, optimize=False,
                              custom_translation_table=table, dynamic_shapes=shapes,
                              input_names=inputs, output_names=outputs)
-    taps = _tap_names(ir.gm.graph, prog.exported_program.graph)
+    taps = _tap_names(ir.gm.graph, prog.exported_program.graph, outputs)
     _optimize(prog.model)
     produced = {o.name for n in prog.model.graph for o in n.outputs}
     prog.model.metadata_props["lowbit.taps"] = json.dumps({v: h for v, h in taps.items() if v in produced})
@@ -295,10 +295,11 @@ def export_onnx(ir, out: Path, flavor: str = "ort", form: str = "decoder", accur
     return out
 
 
-def _tap_names(ir_graph, exported_graph) -> dict[str, int]:
-    """{ONNX value name: debug handle} of the IR's linears and residual adds: the exporter names each
-    value after the node of its own trace of the module, which runs the IR's nodes in order, so
-    the i-th call of an op in one is the i-th in the other (ops whose counts differ are left out)."""
+def _tap_names(ir_graph, exported_graph, output_names) -> dict[str, int]:
+    """{ONNX value name: debug handle} of the IR's nodes: the exporter names each value after the
+    node of its own trace of the module, which runs the IR's nodes in order, so the i-th call of an
+    op in one is the i-th in the other (ops whose counts differ are left out); a node whose value
+    is a graph output takes that output's name (the output projection's is `logits`)."""
     from collections import defaultdict
 
     from lowbit.ir import meta
@@ -307,10 +308,14 @@ def _tap_names(ir_graph, exported_graph) -> dict[str, int]:
         for n in g.nodes:
             if n.op == "call_function":
                 into[n.target].append(n)
+    out_node = next(n for n in exported_graph.nodes if n.op == "output")
+    results = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
+    renamed = {t: name for t, name in zip(results, output_names) if t is not None}
     out = {}
     for target, nodes in ours.items():
         if len(nodes) == len(theirs[target]):
-            out.update({t.name: n.meta[meta.HANDLE] for n, t in zip(nodes, theirs[target]) if meta.HANDLE in n.meta})
+            out.update({renamed.get(t, t.name): n.meta[meta.HANDLE] for n, t in zip(nodes, theirs[target])
+                        if meta.HANDLE in n.meta})
     return out
 
 

@@ -84,3 +84,16 @@ def test_bench_decode_rows(tmp_path, monkeypatch):
     assert rows["fp32"]["decode_vs_fp32"] == 1.0 and all(r["decode_tok_s"] > 0 for r in rows.values())
     assert (tmp_path / "out" / "decode.md").read_text() == decode_markdown(rep)
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 2   # exports cached for the next run
+
+
+def test_peer_without_its_environment_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """llm-compressor's pins conflict with lowbit's: it runs from its own Python, and without one
+    the row says how to make it."""
+    need_data("stories260K", "stories260K.bin")
+    text = need_data("tinystories", "valid-snippet.txt")
+    monkeypatch.delenv("LOWBIT_LLMCOMPRESSOR_PYTHON", raising=False)
+    rep = bench_quality(str(STORIES), str(text), str(text), [], ["llmcompressor-gptq-g64"], tmp_path, max_tokens=1024,
+                        log=lambda m: None)
+    row = rep["rows"][1]
+    assert row["ppl"] is None and "LOWBIT_LLMCOMPRESSOR_PYTHON" in row["skipped"]
+    assert "| skipped |" in markdown(rep) and "(llm-compressor pins" in markdown(rep)

@@ -83,8 +83,10 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     budget. With `out`, finished pieces of long passes are kept beside it (`.NAME.resume`) until
     the artifact is written: the same command after an interruption resumes from them.
 
-    A pass that fails (or, with `diff`, breaks its contract) leaves a reproducer in `repro`
-    (default: OUT.repro beside the artifact): `lowbit debug repro DIR` reruns exactly that pass.
+    A pass that fails (or, with `diff`, breaks its contract) leaves a reproducer in `repro` (by
+    default OUT.repro beside the artifact when `diff`, `verify` or `dump_ir` is on: the IR before each
+    pass is kept meanwhile, which holds the tensors a pass replaces until it ends): `lowbit debug
+    repro DIR` reruns exactly that pass.
     dump_ir: the IR as text before and after each pass (dump_ir_changed: only after passes that
     changed it; dump_ir_tree: a directory per pass with the IR, its diff and the pass's stats).
 
@@ -128,7 +130,8 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
         if diff else None
     if diff:
         pm.instruments.append(NumericDiff(diff_inputs))
-    repro = repro or (Path(out).parent / f"{Path(out).name}.repro" if out is not None and rank == 0 else None)
+    if repro is None and (diff or verify or dump_ir) and out is not None and rank == 0:   # debugging: keep a reproducer
+        repro = Path(out).parent / f"{Path(out).name}.repro"
     if repro:
         pm.instruments.append(reproducer := Reproducer(repro, diff_inputs))
     log.info("running %s", pm)

@@ -167,7 +167,7 @@ def _quanto(model, tok, calib) -> float:
 
 
 # -- AutoRound (sign-gradient rounding and clipping) ---------------------------------------------------
-def _autoround(group: int, iters: int):
+def _autoround(group: int, iters: int, lr: float | None = None):
     """Intel's AutoRound on the torch model: each block's rounding offsets and clipping ranges tuned
     by sign-gradient descent against its float output, on the same 64 calibration windows of 512
     tokens lowbit's recipes use (given as token batches). It leaves the weights
@@ -183,7 +183,7 @@ def _autoround(group: int, iters: int):
         win = windows(tok.encode(read_text(calib)), 512, 64 * 512)
         batches = [win[i:i + 8] for i in range(0, len(win), 8)]   # lowbit's calibration windows, as token batches
         ar = AutoRound(model, tok, bits=4, group_size=group, sym=False, dataset=batches, nsamples=len(win), seqlen=512,
-                       iters=iters, batch_size=8, device_map="cpu", enable_torch_compile=False, seed=0)
+                       iters=iters, lr=lr, batch_size=8, device_map="cpu", enable_torch_compile=False, seed=0)
         ar.quantize()
         bits = weights = 0
         left = [lin for _, _, lin in _linears(model) if not hasattr(lin, "scale")]
@@ -284,6 +284,9 @@ PEERS: dict[str, Peer] = {
                            "calibration tokens, torch", _torch_peer(_autoround(128, 200), ["auto-round"])),
     "autoround-g64": Peer("AutoRound int4 asymmetric, group 64, 200 sign-gradient steps per block, 64 x 512 "
                           "calibration tokens, torch", _torch_peer(_autoround(64, 200), ["auto-round"])),
+    "autoround-light-g64": Peer("AutoRound's light setting (50 sign-gradient steps per block at lr 5e-3), int4 "
+                                "asymmetric, group 64, 64 x 512 calibration tokens, torch",
+                                _torch_peer(_autoround(64, 50, 5e-3), ["auto-round"])),
     "llmcompressor-gptq-g128": Peer("llm-compressor GPTQ int4 asymmetric, group 128, act-order (its own environment)",
                                     _llmcompressor("gptq", 128)),
     "llmcompressor-gptq-g64": Peer("llm-compressor GPTQ int4 asymmetric, group 64, act-order (its own environment)",
