@@ -45,21 +45,22 @@ def _rope_rows(n_rows: int, heads: int) -> torch.Tensor:
     return torch.arange(n_rows).reshape(heads, 2, n_rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def _blocks(lin, ir, qtype) -> np.ndarray:
+def _blocks(lin, ir) -> np.ndarray:
     """A quantized linear's codes and scales (and minima) as GGUF blocks [N, K / 32 * bytes per block]."""
     q = lin.node.meta[meta.QUANT]
     qw, sc, mins = (ir.tensor(a.target) if a is not None else None for a in lin.weight_node.args[:3])
-    codes = unpack(qw, q["bits"], lin.in_features).numpy()
+    bits = q["bits"]
+    codes = unpack(qw, bits, lin.in_features).numpy()
     n, k = codes.shape
 
     def halves(t):   # one fp16 per block, as its 2 bytes
         return t.numpy().astype(np.float16).reshape(n, k // 32, 1).view(np.uint8)
     c = codes.reshape(n, k // 32, 32)
     parts = [halves(sc)] + ([halves(mins)] if mins is not None else [])
-    if q["bits"] == 8:
+    if bits == 8:
         parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
     else:
-        if q["bits"] == 5:   # bit 4 of code j is bit j of the little-endian 32-bit qh
+        if bits == 5:   # bit 4 of code j is bit j of the little-endian 32-bit qh
             parts.append(np.packbits((c >> 4).astype(np.uint8), axis=-1, bitorder="little"))
         parts.append(((c[..., :16] & 15) | ((c[..., 16:] & 15) << 4)).astype(np.uint8))
     return np.concatenate(parts, -1).reshape(n, -1)
@@ -85,8 +86,8 @@ FLOAT_TYPES = ("q8_0", "q4_0", "f32")
 
 def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: str = "q8_0") -> Path:
     """float_type: what the 2-D tensors lowbit left in float become (the embedding table, an
-    unquantized output projection): q8_0, as llama.cpp's own 4-bit files store them, or q4_0 (both
-    rounded by the gguf package's reference, as llama.cpp's quantizer would), or f32 (exactly
+    unquantized output projection): q8_0, as llama.cpp's own 4-bit files store them, or q4_0 (smaller;
+    both rounded by the gguf package's reference, as llama.cpp's quantizer would), or f32 (exactly
     lowbit's)."""
     import gguf
     if float_type not in FLOAT_TYPES:
@@ -145,7 +146,7 @@ def export_gguf(ir, out: Path, tokenizer_dir: Path | None = None, float_type: st
         else:
             w.add_tensor(gguf_name(hf), t)
     for hf, lin in quantized.items():
-        blocks = _blocks(lin, ir, qtypes[hf])
+        blocks = _blocks(lin, ir)
         w_hat = ir.constant(lin.weight_node)
         order = rows(hf, blocks.shape[0])
         if order is not None:

@@ -48,7 +48,7 @@ class Linear:
 
     @property
     def path(self) -> str:
-        """Its name without the capture wrapper's prefix (layers.3.mlp.down_proj): what `only=` matches."""
+        """Its module path without a leading `model.` (layers.3.mlp.down_proj, lm_head): what `only=` matches."""
         from .graph import short_name
         return short_name(self.name)
 
@@ -80,6 +80,13 @@ class Norm:
     @property
     def name(self) -> str:
         return self.weight or self.normalized.name
+
+    @property
+    def path(self) -> str:
+        """Its name as `only=` matches it, like a linear's path: without the capture wrapper's
+        prefix nor the model's own leading `model.` (layers.3.input_layernorm.weight)."""
+        from .graph import short_name
+        return short_name(short_name(self.name))
 
 
 @dataclass

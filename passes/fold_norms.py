@@ -5,7 +5,6 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.ir.analysis import find_norms
-from lowbit.ir.graph import short_name
 
 from .base import Exact, Pass, PassContext, PassResult, register
 
@@ -14,7 +13,7 @@ from .base import Exact, Pass, PassContext, PassResult, register
 class FoldNorms(Pass):
     """Fold norm scales (RMSNorm's w, or 1+w for Gemma; LayerNorm's weight and bias) into the linears they feed; norms become pure normalizations."""
     name = "fold-norms"
-    applications = "each norm with a scale or shift, by its weight's path (`model.layers.3.input_layernorm.weight`)"
+    applications = "each norm with a scale or shift, by its weight's path (`layers.3.input_layernorm.weight`)"
     changes_basis = True
 
     @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class FoldNorms(Pass):
         folded, untied, skipped = [], [], {}
         # find: norms that still carry a scale or shift; check: every user is a linear reading it as input
         for norm in norms:
-            if (norm.weight is not None or norm.bias is not None) and not ctx.applies(short_name(norm.name)):
+            if (norm.weight is not None or norm.bias is not None) and not ctx.applies(norm.path):
                 continue
             if self._into_table(ir, norm):
                 folded.append(norm.name)

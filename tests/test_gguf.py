@@ -85,3 +85,21 @@ def test_q4_1_grid_recovers_the_default_models_own_weights(_smol_captured):
     PassManager("quantize-weights{method=rtn,bits=4,group=32,sym=false,offset=min}").run(ir)
     lins = [lin for lin in ir.linears.linears.values() if lin.quantized]
     assert len(lins) == 210 and all(torch.equal(ir.constant(lin.weight_node), before[lin.node.name]) for lin in lins)
+
+
+def test_q4_0_tables(tiny_llama, tmp_path):
+    """--gguf-float q4_0: the embedding and the untied output projection as Q4_0, rounded as
+    llama.cpp's quantizer rounds them (the gguf package's reference)."""
+    import gguf
+    import numpy as np
+    d, calib = tiny_llama
+    art = tmp_path / "a"
+    api.compile(str(d / "m"), passes=ROTATED_GPTQ % "bits=4,sym=true", calib=calib, out=art, progress=False)
+    small = {t.name: t for t in gguf.GGUFReader(api.export(str(art), tmp_path / "t.gguf", format="gguf",
+                                                           gguf_float="q4_0")).tensors}
+    exact = {t.name: t for t in gguf.GGUFReader(api.export(str(art), tmp_path / "f.gguf", format="gguf",
+                                                           gguf_float="f32")).tensors}
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    for name in ("token_embd.weight", "output.weight"):
+        assert small[name].tensor_type is q4
+        assert np.array_equal(np.asarray(small[name].data), gguf.quants.quantize(np.asarray(exact[name].data), q4))
