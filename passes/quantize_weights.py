@@ -4,6 +4,7 @@ pass's options) and a quantizer registered for that class, so a new method is a 
 function, not a branch."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -19,7 +20,7 @@ from lowbit.ir.formats.uniform import QuantSpec
 from .base import Lossy, Pass, PassContext, PassFailure, PassResult, ranks, register
 from .gptq import ExpertHessians, calibrate_and_quantize, gptq, gptq_columns
 from .instruments import sqnr_db
-from .sensitivity import fisher
+from .sensitivity import fisher, rank_for_precision, within
 
 log = logging.getLogger("lowbit")
 
@@ -204,6 +205,11 @@ class QuantizeWeights(Pass):
         sequential: bool = True
         samples: int = 64       # calibration windows (gptq: Hessians; squeezellm: Fisher information)
         gptq: bool = False      # squeezellm: pick codes from the tables with GPTQ's error feedback
+        # mixed precision (rtn, gptq): the linears where more bits pay most (measured sensitivity per extra
+        # byte, passes/sensitivity.py) get `promote` bits, as many as fit within `max_bpw` bits per weight
+        promote: int = 0
+        max_bpw: float = 0.0
+        rank_samples: int = 16  # calibration windows for that sensitivity (Fisher information)
 
         def __post_init__(self):
             if self.method not in SCHEMES:
@@ -217,6 +223,9 @@ class QuantizeWeights(Pass):
                 raise ValueError(f"finequant quantizes to int4 or int8, not {self.bits} bits")
             if self.method == "squeezellm" and self.bits > 4:
                 raise ValueError(f"squeezellm lookup tables are for 2-4 bits, not {self.bits}")
+            if self.promote and not (self.method in ("rtn", "gptq") and self.bits < self.promote <= 8 and self.max_bpw > 0):
+                raise ValueError(f"promote={self.promote} needs rtn or gptq, more bits than bits={self.bits} (at most 8) "
+                                 "and max_bpw")
 
         def spec(self) -> QuantSpec:
             return QuantSpec(self.bits, self.group, self.sym, self.offset)
@@ -238,14 +247,32 @@ class QuantizeWeights(Pass):
         for lin in todo:
             if not torch.isfinite(ir.tensor(lin.weight)).all():
                 raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
-        if (scheme.hessian or scheme.fisher) and ctx.calib is None:
-            raise PassFailure(f"method={c.method} needs calibration text (compile --calib FILE)")
-        stored, resumed, shares = self._quantize(ir, ctx, scheme, todo)
-        for lin in todo:
-            self._rewrite(ir, lin, stored[lin.node])
-        ir.remove_dead()
-        ir.changed()
+        if (scheme.hessian or scheme.fisher or c.promote) and ctx.calib is None:
+            raise PassFailure(f"method={c.method}{' with promote' if c.promote else ''} needs calibration text "
+                              "(compile --calib FILE)")
+        self.hessians = {}   # linear path -> what its input Hessian says (GPTQ): reported in the stats
+        parts, promoted = [(scheme, todo)], []
+        if c.promote:   # the promoted linears first, then the rest: as two entries would run
+            high = dataclasses.replace(c, bits=c.promote, promote=0, max_bpw=0.0).scheme()
+            ranked = rank_for_precision(ir, ctx, todo, scheme, high, c.rank_samples)
+            k = within(ranked, c.max_bpw)
+            if k is None:
+                raise PassFailure(f"bits={c.bits} alone takes more than max_bpw={c.max_bpw:g} bits per weight")
+            promoted = [r["linear"] for r in ranked[:k]]
+            parts = [(high, promoted), (scheme, [lin for lin in todo if lin not in promoted])]
+        stored, resumed, shares = {}, 0, []
+        for part_scheme, lins in parts:
+            got, n, sh = self._quantize(ir, ctx, part_scheme, lins) if lins else ({}, 0, [])
+            for lin in lins:
+                self._rewrite(ir, lin, got[lin.node])
+            ir.remove_dead()
+            ir.changed()
+            stored.update(got)
+            resumed += n
+            shares = [a + b for a, b in zip(shares, sh)] if shares else sh
         stats = self._stats(todo, stored)
+        if promoted:
+            stats["promoted"] = [lin.path for lin in promoted]
         if self.hessians:
             stats["hessian"] = self.hessians
         if resumed:
@@ -266,7 +293,6 @@ class QuantizeWeights(Pass):
         bar = tqdm(total=len(todo), desc=f"quantize-weights ({c.method})", unit="linear",
                    disable=not ctx.progress, leave=False)
         stored, resumed, shares = {}, [], [0] * ranks()[1]   # shares: linears each process quantized
-        self.hessians = {}   # linear path -> what its input Hessian says (GPTQ): reported in the stats
 
         def adopt(lin, tensors, note):
             """A linear's packed tensors and note, made elsewhere (a record, another process)."""

@@ -80,6 +80,11 @@ RECIPES: dict[str, tuple[str, str]] = {
                         "on the values and down inputs learned against the 4-bit activation and KV quantizers (each "
                         "linear's output error, recorded inputs), then int4 GPTQ weights (MSE-clipped group ranges) "
                         "calibrated on the 4-bit inputs (needs --calib)"),
+    "frontier-w3.5": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
+                      "quantize-weights{method=gptq,bits=3,group=128,sym=false,clip=true,promote=4,max_bpw=3.5}",
+                      "the best recipe at 3.5 bits per weight: random Hadamard rotations, GPTQ with clipped group ranges, "
+                      "3 bits with 4 for the linears where the measured sensitivity per extra byte is highest, as many as "
+                      "fit in 3.5 bits per weight (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
 

@@ -1,6 +1,6 @@
-"""Weight sensitivity for SqueezeLLM and split-outliers: the diagonal of the Fisher information,
-estimated as the sum over calibration sequences of the squared gradient of each sequence's mean
-next-token loss (SqueezeLLM, Kim et al. 2023)."""
+"""Weight sensitivity for SqueezeLLM, split-outliers and mixed precision: the diagonal of the Fisher
+information, estimated as the sum over calibration sequences of the squared gradient of each
+sequence's mean next-token loss (SqueezeLLM, Kim et al. 2023)."""
 from __future__ import annotations
 
 import torch
@@ -35,6 +35,42 @@ def fisher(ir, ctx: PassContext, samples: int) -> dict[str, torch.Tensor]:
                 acc[t] += g.square()
     ir.scratch[key] = {lin.node.name: all_sum(acc[lin.weight]).reshape(lin.rows, -1) for lin in lins}
     return ir.scratch[key]
+
+
+def rank_for_precision(ir, ctx: PassContext, lins, low, high, samples: int) -> list[dict]:
+    """The linears in the order in which a higher precision pays most: each one's Fisher-weighted
+    squared rounding error on the low scheme's grid minus on the high one's (round to nearest as the
+    proxy, whatever the method: `low` and `high` are quantize-weights schemes), over the bytes the
+    higher precision adds. Each entry: the linear, its gain, and its bytes at each precision."""
+    from .quantize_weights import QUANTIZERS
+    fish = fisher(ir, ctx, samples)
+    ranked = []
+    for lin in lins:
+        w = ir.tensor(lin.weight).float().reshape(lin.rows, -1)
+        f = fish[lin.node.name]
+        err, size = {}, {}
+        for name, scheme in (("low", low), ("high", high)):
+            p = QUANTIZERS[type(scheme)](scheme, w, None, f)
+            err[name], size[name] = (f * (w - p.w_hat()).square()).sum().item(), p.nbytes()
+        ranked.append({"linear": lin, "gain": err["low"] - err["high"], "weights": w.numel(),
+                       "low_bytes": size["low"], "high_bytes": size["high"]})
+    return sorted(ranked, key=lambda r: r["gain"] / max(r["high_bytes"] - r["low_bytes"], 1), reverse=True)
+
+
+def within(ranked: list[dict], max_bpw: float) -> int | None:
+    """How many of the ranked linears fit at the high precision within max_bpw bits per weight
+    (the rest at the low one); None when the low precision alone does not fit."""
+    n_w = sum(r["weights"] for r in ranked)
+    low = sum(r["low_bytes"] for r in ranked)
+    if 8 * low / n_w > max_bpw:
+        return None
+    k = 0
+    for r in ranked:
+        low += r["high_bytes"] - r["low_bytes"]
+        if 8 * low / n_w > max_bpw:
+            break
+        k += 1
+    return k
 
 
 class _Blocks:

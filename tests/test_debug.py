@@ -85,7 +85,7 @@ def test_compare_names_the_broken_linear(tiny, corrupt_pass, tmp_path):
     rep = debug.compare(str(d / "m"), str(tmp_path / "a"), text=text, save_inputs=tmp_path / "in.safetensors",
                         windows=2, ctx=32, min_sqnr=30)
     rows = {r["name"]: r for r in rep["rows"]}
-    assert rep["first_crossing"]["name"] == BROKEN and "put through fold-norms" in rep["notes"][0]
+    assert rep["first_crossing"]["name"] == rep["worst"]["name"] == BROKEN and "put through fold-norms" in rep["notes"][0]
     assert all(rows[f"layers.{i}.{n}"]["sqnr_db"] is None or rows[f"layers.{i}.{n}"]["sqnr_db"] > 100   # exact
                for i, n in ((0, "mlp.down_proj"), (1, "self_attn.o_proj")))
     assert rows[BROKEN]["sqnr_db"] < 0 and rows[BROKEN]["cosine"] < 0   # -3 W: the opposite direction
@@ -146,3 +146,17 @@ def test_a_broken_contract_leaves_a_reproducer(tiny, corrupt_pass, tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00-input", "01-fold-norms", "02-corrupt-linear"]
     assert "+" in (tmp_path / "ir" / "01-fold-norms" / "diff.txt").read_text()
     assert '"folded"' in (tmp_path / "ir" / "01-fold-norms" / "stats.json").read_text()
+
+
+def test_precision_fills_a_size_with_the_most_sensitive_linears(tiny):
+    d, text = tiny
+    rep = debug.precision(str(d / "m"), passes="fold-norms,quantize-weights{method=rtn,bits=3,group=32,sym=false}",
+                          text=text, calib=text, max_bpw=3.9, samples=2, ctx=32, max_tokens=256)
+    low, mixed = rep["tried"]
+    assert low["promoted"] == 0 and 0 < mixed["promoted"] < 14 and low["bits_per_weight"] < mixed["bits_per_weight"] <= 3.9
+    assert rep["pipeline"].startswith("fold-norms,quantize-weights{method=rtn,bits=4,group=32,sym=false,only=")
+    assert rep["pipeline"].endswith(",quantize-weights{method=rtn,bits=3,group=32,sym=false}")
+    assert len(rep["promoted"]) == mixed["promoted"] and "chosen:" in debug.precision_markdown(rep)
+    with pytest.raises(LowbitError, match="more than 3.1"):
+        debug.precision(str(d / "m"), passes="quantize-weights{method=rtn,bits=3,group=32,sym=false}", text=text,
+                        calib=text, max_bpw=3.1, samples=2, ctx=32, max_tokens=256)

@@ -200,3 +200,25 @@ def test_outliers_and_lookup_tables_on_expert_stacks():
     assert split["linears"] == quant["linears"] == 14 and split["nnz"] > 0
     assert len(quant["expert_rows"]) == 4 and quant["experts_without_rows"] == 0
     assert sqnr_db(ref, ir(x)) > 8   # measured 12.5 dB
+
+
+def test_promote_is_mixed_precision_by_measured_sensitivity():
+    """promote=4,max_bpw=B: the linears where 4 bits pay most per extra byte (Fisher-weighted rounding
+    error, passes/sensitivity.py) get 4 bits, as many as fit in B; the result is what the two
+    entries `quantize-weights{bits=4,only=<them>},quantize-weights{bits=3}` give, tensor for tensor."""
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    ir, _ = tiny_ir("llama")
+    low = "method=gptq,bits=3,group=32,sym=false,samples=4"
+    PassManager(f"quantize-weights{{{low},promote=4,max_bpw=3.9,rank_samples=2}}").run(ir, PassContext(calib=calib))
+    st = ir.stats[0]
+    promoted = st["promoted"]
+    assert 0 < len(promoted) < 14 and st["bits_per_weight"] <= 3.9
+    bits = {lin.path: lin.node.meta[meta.QUANT]["bits"] for lin in ir.linears.linears.values() if lin.quantized}
+    assert {p for p, b in bits.items() if b == 4} == set(promoted)
+    two, _ = tiny_ir("llama")
+    PassManager(f"quantize-weights{{{low.replace('bits=3', 'bits=4')},only={'|'.join(promoted)}}},quantize-weights{{{low}}}"
+                ).run(two, PassContext(calib=calib))
+    assert sorted(ir.tensor_targets()) == sorted(two.tensor_targets())
+    assert all(torch.equal(ir.tensor(t), two.tensor(t)) for t in ir.tensor_targets())
+    with pytest.raises(ValueError, match="promote=4 needs"):
+        QuantizeWeights.Config(method="finequant", bits=4, promote=4, max_bpw=4.5)

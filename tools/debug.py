@@ -194,11 +194,13 @@ def compare(a_spec: str, b_spec: str, *, text=None, inputs=None, save_inputs=Non
             continue
         rows.append({"handle": t.handle, "kind": t.kind, "name": t.name, **metrics(va[t.handle], vb[t.handle])})
     first = next((r for r in rows if _crossed(r, min_sqnr)), None)
+    measured = [r for r in rows if r.get("sqnr_db") is not None and r["kind"] != "logits"]
+    worst = min(measured, key=lambda r: r["sqnr_db"], default=None)
     by_handle = {t.handle: t.name for t in taps}
     fused = {by_handle[h]: op for h, op in {**fused_a, **fused_b}.items() if h in by_handle}
     return {"a": a.label, "b": b.label, "inputs": {"windows": ids.shape[0], "ctx": ids.shape[1],
                                                    "from": str(inputs or text)},
-            "min_sqnr_db": min_sqnr, "notes": notes, "rows": rows, "first_crossing": first,
+            "min_sqnr_db": min_sqnr, "notes": notes, "rows": rows, "first_crossing": first, "worst": worst,
             "nonfinite": [r["name"] for r in rows if r.get("nonfinite_a") or r.get("nonfinite_b")],
             "onnxruntime": "ort" in (a.backend, b.backend), "fused_by_onnxruntime": fused}
 
@@ -239,6 +241,8 @@ def markdown(rep: dict) -> str:
     first = rep["first_crossing"]
     lines.append("first below {:g} dB: {}".format(rep["min_sqnr_db"], f"{first['name']} (handle {first['handle']})"
                                                   if first else "none"))
+    if rep["worst"]:
+        lines.append(f"lowest: {rep['worst']['name']} ({rep['worst']['sqnr_db']:.2f} dB)")
     if rep["nonfinite"]:
         lines.append(f"NaN/Inf in: {', '.join(rep['nonfinite'])}")
     lines += ["", "| tap | kind | handle | SQNR dB | max abs | mean abs | cosine | |", "|---|---|---|---|---|---|---|---|"]
@@ -429,14 +433,13 @@ def precision(model, *, recipe=None, passes=None, text, calib=None, high: str | 
     """Which linears the recipe's weight quantizer (its last quantize-weights entry, "low") should
     leave to a higher-precision entry ("high": the same options with `high` over them, default one
     more bit) to reach a perplexity (`target_ppl`: the fewest) or a size (`max_bpw`: the most that
-    fit). Linears are ranked by measured sensitivity per extra byte: the diagonal Fisher information
-    of the loss on the calibration windows times each weight's squared rounding error, low minus
-    high (round to nearest on each grid as the proxy, whatever the method), over the bytes the
-    promotion adds. Each candidate pipeline is compiled and its perplexity measured on `text`."""
+    fit). Linears are ranked by measured sensitivity per extra byte (passes/sensitivity.py:
+    rank_for_precision, what quantize-weights{promote=...} uses). Each candidate pipeline is
+    compiled and its perplexity measured on `text`."""
     from lowbit.passes import PassContext
     from lowbit.passes.pipeline import parse_entry, parse_pipeline, print_pipeline
-    from lowbit.passes.quantize_weights import QUANTIZERS, QuantizeWeights
-    from lowbit.passes.sensitivity import fisher
+    from lowbit.passes.quantize_weights import QuantizeWeights
+    from lowbit.passes.sensitivity import rank_for_precision, within
     from lowbit.tools import api
     from lowbit.tools.evaluate import perplexity, read_text, windows
     if target_ppl is None and max_bpw is None:
@@ -464,24 +467,12 @@ def precision(model, *, recipe=None, passes=None, text, calib=None, high: str | 
     err, _ = _run(entries[:at], base, calib_win, seed) if at else (None, [])
     if err:
         raise LowbitError(err)
-    # sensitivities: Fisher-weighted rounding error on each grid, and each grid's bytes
-    fish = fisher(base, PassContext(seed=seed, calib=calib_win, progress=True), samples)
     s = base.linears
-    ranked = []
-    for lin in s.linears.values():
-        if lin.quantized or (lin is s.lm_head and not low.config.lm_head):
-            continue
-        w = base.tensor(lin.weight).float().reshape(lin.rows, -1)
-        f = fish[lin.node.name]
-        cost = {}
-        for name, e in (("low", low), ("high", high_entry)):
-            scheme = e.config.scheme()
-            p = QUANTIZERS[type(scheme)](scheme, w, None, f)
-            cost[name] = ((f * (w - p.w_hat()).square()).sum().item(), p.nbytes())
-        gain, extra = cost["low"][0] - cost["high"][0], cost["high"][1] - cost["low"][1]
-        ranked.append({"linear": lin.path, "gain": gain, "extra_bytes": extra, "weights": w.numel(),
-                       "low_bytes": cost["low"][1], "high_bytes": cost["high"][1]})
-    ranked.sort(key=lambda r: r["gain"] / max(r["extra_bytes"], 1), reverse=True)
+    todo = [lin for lin in s.linears.values() if not lin.quantized and (low.config.lm_head or lin is not s.lm_head)]
+    ranked = rank_for_precision(base, PassContext(seed=seed, calib=calib_win, progress=True), todo,
+                                low.config.scheme(), high_entry.config.scheme(), samples)
+    for r in ranked:
+        r["linear"] = r["linear"].path
     n_w = sum(r["weights"] for r in ranked)
 
     def bpw(k):
@@ -505,7 +496,7 @@ def precision(model, *, recipe=None, passes=None, text, calib=None, high: str | 
             log(f"{k} of {len(ranked)} linears at high precision: {bpw(k):.3f} bits/weight, ppl {ppl:.3f}")
         return tried[k]["ppl"]
     if max_bpw is not None:
-        k = max((k for k in range(len(ranked) + 1) if bpw(k) <= max_bpw), default=None)
+        k = within(ranked, max_bpw)
         if k is None:
             raise LowbitError(f"the low precision alone takes {bpw(0):.3f} bits/weight, more than {max_bpw:g}")
         measure(0)
