@@ -80,6 +80,10 @@ RECIPES: dict[str, tuple[str, str]] = {
                         "on the values and down inputs learned against the 4-bit activation and KV quantizers (each "
                         "linear's output error, recorded inputs), then int4 GPTQ weights (MSE-clipped group ranges) "
                         "calibrated on the 4-bit inputs (needs --calib)"),
+    "frontier-w4": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
+                    "quantize-weights{method=gptq,bits=4,group=64,sym=true,clip=true}",
+                    "the best recipe at 4.25 bits per weight: random Hadamard rotations, then int4 symmetric GPTQ in "
+                    "groups of 64 with clipped group ranges (needs --calib)"),
     "frontier-w3.5": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
                       "quantize-weights{method=gptq,bits=3,group=128,sym=false,clip=true,promote=4,max_bpw=3.5}",
                       "the best recipe at 3.5 bits per weight: random Hadamard rotations, GPTQ with clipped group ranges, "
@@ -87,5 +91,7 @@ RECIPES: dict[str, tuple[str, str]] = {
                       "fit in 3.5 bits per weight (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
+RECIPES["frontier-w4a4kv4"] = (RECIPES["w4a4kv4-learned"][0],
+                                "the best recipe at W4A4KV4: w4a4kv4-learned (needs --calib)")
 
 DEFAULT_RECIPE = "w4-rtn"

@@ -116,6 +116,38 @@ def test_compare_torch_and_onnxruntime_lists_every_tap(tiny, tmp_path, capsys):
     assert "onnxruntime" in debug.markdown(rep).split("| logits |")[1]   # what it fused, or that it fused none
 
 
+def test_kernel_ops_keep_every_tap(tiny, tmp_path):
+    """The artifact lowered to the CUDA plugins' ops (run here by their PyTorch implementations) still
+    holds every tap by its handle, and agrees with the reference runtime."""
+    d, text = tiny
+    art = tmp_path / "q"
+    api.compile(str(d / "m"), passes="fold-norms,fuse-rotations,insert-hadamard,quantize-weights{bits=4,group=32}",
+                out=art, progress=False)
+    ir = api.load(str(art))
+    taps, _ = debug.taps_of(ir)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = debug.record_torch(ir, ids, [t.handle for t in taps])
+    low = debug.record_kernels(ir, ids, [t.handle for t in taps], device="cpu")
+    assert set(low) == set(ref) == {t.handle for t in taps} and len(taps) >= 19
+    assert all(debug.metrics(ref[h], low[h])["sqnr_db"] is None or debug.metrics(ref[h], low[h])["sqnr_db"] > 60
+               for h in ref)
+    if not torch.cuda.is_available():
+        with pytest.raises(LowbitError, match="no CUDA device"):
+            debug.open_side(str(art), "cuda", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compare_torch_and_cuda_kernels(tiny, tmp_path):
+    d, text = tiny
+    art = tmp_path / "q"
+    api.compile(str(d / "m"), passes="fold-norms,fuse-rotations,insert-hadamard,quantize-weights{bits=4,group=32}",
+                out=art, progress=False)
+    rep = debug.compare(str(art), str(art), text=text, ctx=32, b_backend="cuda")
+    assert not [r for r in rep["rows"] if "missing" in r] and not rep["nonfinite"]
+    assert all(r["sqnr_db"] is None or r["sqnr_db"] > 25 for r in rep["rows"])   # fp16 kernels against float32
+
+
 def test_bisect_names_the_pass_and_the_linear(tiny, corrupt_pass):
     d, text = tiny
     pipeline = f"fold-norms,corrupt-linear{{name={BROKEN}}},quantize-weights{{bits=8}}"

@@ -1,7 +1,8 @@
 """`lowbit debug compare`: where two runs of a model part ways, value by value.
 
 A side is a source model, an artifact, or an ONNX file lowbit exported, run by the torch reference
-runtime or by onnxruntime (an artifact on `ort` is exported with its taps first). Both run the
+runtime, by onnxruntime (an artifact on `ort` is exported with its taps first) or by the CUDA
+plugins' kernels (`cuda`: lowered to their ops, on the GPU). Both run the
 same token windows (read from a text, or from an inputs file a comparison saved) and record their
 taps: every linear's output, the residual stream after every block, the logits; taps are matched
 by debug handle, which capture gives every node and every rewrite passes on to its replacement.
@@ -27,6 +28,7 @@ from lowbit.ir.graph import IR, short_name
 from lowbit.ir.store import OnDemand
 
 LOGITS = 0   # the logits' tap handle (debug handles start at 1)
+BACKENDS = ("torch", "ort", "cuda")
 
 
 @dataclass
@@ -78,6 +80,29 @@ def record_torch(ir: IR, ids: torch.Tensor, handles) -> dict[int, torch.Tensor]:
     return {**rec.values, LOGITS: out.float()}
 
 
+class _Keep(torch.fx.Interpreter):
+    def __init__(self, gm, handles):
+        super().__init__(gm)
+        self.handles, self.values = set(handles), {}
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        if n.meta.get(meta.HANDLE) in self.handles and isinstance(v, torch.Tensor):
+            self.values[n.meta[meta.HANDLE]] = v.detach().float().cpu()
+        return v
+
+
+@torch.no_grad()
+def record_kernels(ir: IR, ids: torch.Tensor, handles, device: str = "cuda") -> dict[int, torch.Tensor]:
+    """Tap values of the IR lowered to the CUDA plugins' kernel ops (lower-kernels{target=cuda}) and
+    run on `device`: the kernels on a GPU, the ops' PyTorch implementations on the CPU."""
+    from lowbit.tools.generate import on_device
+    gm, _ = on_device(ir.fork(), device, lower=True)
+    rec = _Keep(gm, handles)
+    out = rec.run(ids.to(device))
+    return {**rec.values, LOGITS: out.float().cpu()}
+
+
 @dataclass
 class Side:
     spec: str
@@ -97,11 +122,13 @@ class Side:
 
 
 def open_side(spec: str, backend: str = "torch", tmp: Path | None = None) -> Side:
-    """A model, an artifact or an ONNX file, to run on `backend` (torch, ort)."""
+    """A model, an artifact or an ONNX file, to run on `backend` (torch, ort, cuda)."""
     from lowbit.ir.artifact import is_artifact, read_manifest
     from lowbit.tools import api
-    if backend not in ("torch", "ort"):
-        raise LowbitError(f"backend must be torch or ort, not '{backend}'")
+    if backend not in BACKENDS:
+        raise LowbitError(f"backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise LowbitError("backend cuda: torch sees no CUDA device")
     p = Path(spec)
     if p.suffix == ".onnx" and p.is_file():
         if backend != "ort":
@@ -138,6 +165,8 @@ def record(side: Side, ids: torch.Tensor, taps: list[Tap]) -> tuple[dict[int, to
     """The side's tap values on ids, and, for onnxruntime, which taps it fuses in the file as deployed."""
     if side.backend == "torch":
         return record_torch(side.ir, ids, [t.handle for t in taps]), {}
+    if side.backend == "cuda":
+        return record_kernels(side.ir, ids, [t.handle for t in taps]), {}
     from lowbit.backends.onnx import run_taps
     return run_taps(side.onnx, ids, {t.handle for t in taps})
 

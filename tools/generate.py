@@ -16,26 +16,10 @@ class TorchDecoder:
     name = "torch"
 
     def __init__(self, ir, device: str = "cpu"):
-        from lowbit.backends.reference import fold_weights
         d = to_decoder(ir)
         self.device = torch.device(device)
-        if self.device.type == "cuda":   # the plugins' kernels for quantized linears, tables, outliers, Hadamard
-            from lowbit.passes import PassManager
-            from lowbit.plugins import torch_ops
-            torch_ops.register()
-            PassManager("lower-kernels{target=cuda}").run(d)
-            self.fused_sparse = torch_ops.fuse_sparse(d.graph)   # outliers added in the GEMV epilogue
-        if self.device.type != "cpu":   # tensor factories (the decoder's mask arange, ...) default to the CPU
-            aten = torch.ops.aten
-            factories = (aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
-                         aten.ones.default, aten.zeros.default, aten.scalar_tensor.default, aten.empty.memory_format)
-            for n in d.graph.nodes:
-                if n.op == "call_function" and ("device" in n.kwargs or n.target in factories):
-                    n.kwargs = {**n.kwargs, "device": self.device}
-            d.changed()
         self.past_specs = d.past_specs
-        with torch.no_grad():
-            self.gm = fold_weights(d).to(self.device)
+        self.gm, self.fused_sparse = on_device(d, self.device)
 
     def empty_past(self, b):
         return [torch.zeros(b, h, 0, x, dtype=t, device=self.device) for _, t, h, x in self.past_specs]
@@ -44,6 +28,32 @@ class TorchDecoder:
     def step(self, input_ids, attention_mask, position_ids, past):
         out = self.gm(*(torch.from_numpy(a).to(self.device) for a in (input_ids, attention_mask, position_ids)), *past)
         return out[0].float().cpu().numpy(), list(out[1:])
+
+
+def on_device(ir, device, lower: bool | None = None) -> tuple[torch.fx.GraphModule, int]:
+    """(module, outlier adds fused) running the IR on `device`, weights folded. Lowered (by default
+    on a CUDA device): quantized linears, tables, outliers and Hadamards become the kernel ops of
+    lower-kernels{target=cuda}, which run the plugins' kernels on CUDA (outliers added in the GEMV
+    epilogue) and the ops' PyTorch implementations elsewhere. Changes the IR's graph."""
+    from lowbit.backends.reference import fold_weights
+    device, fused = torch.device(device), 0
+    if device.type == "cuda" if lower is None else lower:
+        from lowbit.passes import PassManager
+        PassManager("lower-kernels{target=cuda}").run(ir)
+    if device.type == "cuda":
+        from lowbit.plugins import torch_ops
+        torch_ops.register()
+        fused = torch_ops.fuse_sparse(ir.graph)
+    if device.type != "cpu":   # tensor factories (the decoder's mask arange, ...) default to the CPU
+        aten = torch.ops.aten
+        factories = (aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
+                     aten.ones.default, aten.zeros.default, aten.scalar_tensor.default, aten.empty.memory_format)
+        for n in ir.graph.nodes:
+            if n.op == "call_function" and ("device" in n.kwargs or n.target in factories):
+                n.kwargs = {**n.kwargs, "device": device}
+        ir.changed()
+    with torch.no_grad():
+        return fold_weights(ir).to(device), fused
 
 
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
