@@ -219,8 +219,9 @@ def _llmcompressor(recipe: str, group: int):
                                   "v/bin/pip install torch==2.13.0 llmcompressor)")
         model, tok, _ = load_model(model_spec)
         d = out / "peers" / "hf-fp32"
-        if not (d / "config.json").exists():
+        if not (d / "tokenizer_config.json").exists():   # llm-compressor reads the tokenizer from the directory
             model.save_pretrained(d)
+            tok.save(d)
         w = out / "peers" / "windows.safetensors"
         save_file({"calib": windows(tok.encode(read_text(calib)), 512, 64 * 512).contiguous(),
                    "eval": _windows(tok, text, ctx, max_tokens).contiguous()}, str(w))
