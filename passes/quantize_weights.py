@@ -256,8 +256,10 @@ class QuantizeWeights(Pass):
             high = dataclasses.replace(c, bits=c.promote, promote=0, max_bpw=0.0).scheme()
             ranked = rank_for_precision(ir, ctx, todo, scheme, high, c.rank_samples)
             k = within(ranked, c.max_bpw)
-            if k is None:
-                raise PassFailure(f"bits={c.bits} alone takes more than max_bpw={c.max_bpw:g} bits per weight")
+            if k is None:   # a model whose widths the groups fit badly (short last groups): nothing to spend
+                log.warning("quantize-weights: bits=%d alone takes more than max_bpw=%g bits per weight here: no "
+                            "linear gets %d bits", c.bits, c.max_bpw, c.promote)
+                k = 0
             promoted = [r["linear"] for r in ranked[:k]]
             parts = [(high, promoted), (scheme, [lin for lin in todo if lin not in promoted])]
         stored, resumed, shares = {}, 0, []

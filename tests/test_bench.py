@@ -87,13 +87,15 @@ def test_bench_decode_rows(tmp_path, monkeypatch):
 
 
 def test_peer_without_its_environment_is_skipped_with_the_reason(tmp_path, monkeypatch):
-    """llm-compressor's pins conflict with lowbit's: it runs from its own Python, and without one
-    the row says how to make it."""
+    """llm-compressor's and GPTQModel's pins conflict with lowbit's: each runs from its own Python,
+    and without one the row says how to make it."""
     need_data("stories260K", "stories260K.bin")
     text = need_data("tinystories", "valid-snippet.txt")
     monkeypatch.delenv("LOWBIT_LLMCOMPRESSOR_PYTHON", raising=False)
-    rep = bench_quality(str(STORIES), str(text), str(text), [], ["llmcompressor-gptq-g64"], tmp_path, max_tokens=1024,
-                        log=lambda m: None)
-    row = rep["rows"][1]
-    assert row["ppl"] is None and "LOWBIT_LLMCOMPRESSOR_PYTHON" in row["skipped"]
+    monkeypatch.delenv("LOWBIT_GPTQMODEL_PYTHON", raising=False)
+    rep = bench_quality(str(STORIES), str(text), str(text), [], ["llmcompressor-gptq-g64", "gptqmodel-g64"], tmp_path,
+                        max_tokens=1024, log=lambda m: None)
+    lc, gq = rep["rows"][1:]
+    assert lc["ppl"] is None and "LOWBIT_LLMCOMPRESSOR_PYTHON" in lc["skipped"]
+    assert gq["ppl"] is None and "LOWBIT_GPTQMODEL_PYTHON" in gq["skipped"]
     assert "| skipped |" in markdown(rep) and "(llm-compressor pins" in markdown(rep)

@@ -222,3 +222,8 @@ def test_promote_is_mixed_precision_by_measured_sensitivity():
     assert all(torch.equal(ir.tensor(t), two.tensor(t)) for t in ir.tensor_targets())
     with pytest.raises(ValueError, match="promote=4 needs"):
         QuantizeWeights.Config(method="finequant", bits=4, promote=4, max_bpw=4.5)
+    # a budget the low width alone exceeds (3 bits in groups of 32 take 3.5): nothing promoted, a warning
+    three, _ = tiny_ir("llama")
+    PassManager(f"quantize-weights{{{low},promote=4,max_bpw=3.2,rank_samples=2}}").run(three, PassContext(calib=calib))
+    assert "promoted" not in three.stats[0] and three.stats[0]["bits_per_weight"] > 3.2
+    assert {lin.node.meta[meta.QUANT]["bits"] for lin in three.linears.linears.values() if lin.quantized} == {3}

@@ -198,12 +198,24 @@ def _autoround(group: int, iters: int, lr: float | None = None):
     return quantize
 
 
-# -- llm-compressor, in its own environment ---------------------------------------------------------
-def _llmcompressor(recipe: str, group: int):
-    """llm-compressor's oneshot (tools/llmcompressor_peer.py) run by the Python named in
-    LOWBIT_LLMCOMPRESSOR_PYTHON: its pins (transformers <= 5.17, compressed-tensors 0.19) conflict
-    with lowbit's, so it cannot be an extra of lowbit's own environment. It gets the model as a
-    float32 Hugging Face directory and lowbit's calibration and evaluation windows."""
+# -- llm-compressor and GPTQModel, each in its own environment ----------------------------------------
+_OWN_ENV = {   # tool: (script, the variable naming its Python, why it cannot be an extra, how to make one)
+    "llmcompressor": ("llmcompressor_peer.py", "LOWBIT_LLMCOMPRESSOR_PYTHON",
+                      "llm-compressor pins transformers<=5.17 and compressed-tensors 0.19",
+                      "python -m venv v && v/bin/pip install torch==2.13.0 llmcompressor"),
+    "gptqmodel": ("gptqmodel_peer.py", "LOWBIT_GPTQMODEL_PYTHON",
+                  "GPTQModel pins numpy 2.2 and, from 7.7, torch>=2.14",
+                  "python -m venv v && v/bin/pip install torch==2.13.0 gptqmodel==7.6.0 -c <(echo torch==2.13.0)"),
+}
+
+
+def _own_env(tool: str, recipe: str, group: int):
+    """The tool's script (tools/<tool>_peer.py) run by the Python named in its variable: its pins
+    conflict with lowbit's, so it cannot be an extra of lowbit's own environment. It gets the model
+    as a float32 Hugging Face directory (with its tokenizer) and lowbit's calibration and
+    evaluation windows."""
+    script, var, why, how = _OWN_ENV[tool]
+
     def run(model_spec, text, ctx, max_tokens, out, calib):
         import os
         import subprocess
@@ -212,11 +224,9 @@ def _llmcompressor(recipe: str, group: int):
 
         from lowbit.tools.defaults import load_model
         from lowbit.tools.evaluate import read_text, windows
-        python = os.environ.get("LOWBIT_LLMCOMPRESSOR_PYTHON")
+        python = os.environ.get(var)
         if not python:
-            raise PeerUnavailable("llm-compressor pins transformers<=5.17 and compressed-tensors 0.19: set "
-                                  "LOWBIT_LLMCOMPRESSOR_PYTHON to a Python that has it (python -m venv v && "
-                                  "v/bin/pip install torch==2.13.0 llmcompressor)")
+            raise PeerUnavailable(f"{why}: set {var} to a Python that has it ({how})")
         model, tok, _ = load_model(model_spec)
         d = out / "peers" / "hf-fp32"
         if not (d / "tokenizer_config.json").exists():   # llm-compressor reads the tokenizer from the directory
@@ -225,11 +235,11 @@ def _llmcompressor(recipe: str, group: int):
         w = out / "peers" / "windows.safetensors"
         save_file({"calib": windows(tok.encode(read_text(calib)), 512, 64 * 512).contiguous(),
                    "eval": _windows(tok, text, ctx, max_tokens).contiguous()}, str(w))
-        res = out / "peers" / f"llmcompressor-{recipe}-g{group}.json"
-        proc = subprocess.run([python, str(Path(__file__).with_name("llmcompressor_peer.py")), str(d), str(w), recipe,
-                               str(group), str(res)], capture_output=True, text=True)
+        res = out / "peers" / f"{tool}-{recipe}-g{group}.json"
+        proc = subprocess.run([python, str(Path(__file__).with_name(script)), str(d), str(w), recipe, str(group),
+                               str(res)], capture_output=True, text=True)
         if proc.returncode:
-            raise PeerUnavailable("llm-compressor failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+            raise PeerUnavailable(f"{tool} failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300])
         return json.loads(res.read_text())
     return run
 
@@ -288,15 +298,19 @@ PEERS: dict[str, Peer] = {
     "autoround-light-g64": Peer("AutoRound's light setting (50 sign-gradient steps per block at lr 5e-3), int4 "
                                 "asymmetric, group 64, 64 x 512 calibration tokens, torch",
                                 _torch_peer(_autoround(64, 50, 5e-3), ["auto-round"])),
+    "gptqmodel-g128": Peer("GPTQModel GPTQ int4 asymmetric, group 128, act-order, its CPU torch kernel (its own "
+                           "environment)", _own_env("gptqmodel", "gptq", 128)),
+    "gptqmodel-g64": Peer("GPTQModel GPTQ int4 asymmetric, group 64, act-order, its CPU torch kernel (its own "
+                          "environment)", _own_env("gptqmodel", "gptq", 64)),
     "llmcompressor-gptq-g128": Peer("llm-compressor GPTQ int4 asymmetric, group 128, act-order (its own environment)",
-                                    _llmcompressor("gptq", 128)),
+                                    _own_env("llmcompressor", "gptq", 128)),
     "llmcompressor-gptq-g64": Peer("llm-compressor GPTQ int4 asymmetric, group 64, act-order (its own environment)",
-                                   _llmcompressor("gptq", 64)),
+                                   _own_env("llmcompressor", "gptq", 64)),
     "llmcompressor-quip-gptq-g64": Peer("llm-compressor QuIP transforms (random Hadamards online on every linear's "
                                         "input and output) then GPTQ, group 64 (its own environment)",
-                                        _llmcompressor("quip-gptq", 64)),
+                                        _own_env("llmcompressor", "quip-gptq", 64)),
     "llmcompressor-spinquant-gptq-g64": Peer("llm-compressor SpinQuant R1 and R2 Hadamards fused into the weights, then "
-                                             "GPTQ, group 64 (its own environment)", _llmcompressor("spinquant-gptq", 64)),
+                                             "GPTQ, group 64 (its own environment)", _own_env("llmcompressor", "spinquant-gptq", 64)),
     "llamacpp-q4_0": Peer("llama.cpp's quantizer, Q4_0 (embedding Q8_0), run in llama.cpp", _llama_cpp("Q4_0")),
     "llamacpp-q4_1": Peer("llama.cpp's quantizer, Q4_1 (embedding Q8_0), run in llama.cpp", _llama_cpp("Q4_1")),
 }
