@@ -11,14 +11,14 @@ TORCH kernel on the CPU; perplexity is exp(mean NLL of every token after the fir
 window), as lowbit computes it. Bits per weight count what that checkpoint stores per quantized
 linear: its qweight, scales and qzeros tensors (g_idx, the act-order permutation, left out)."""
 import json
-import math
 import os
 import sys
 import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
+
+from peer_eval import perplexity   # beside this file
 
 # its CPU pool defaults to (cores+1)//2 workers, yet its model loader asks for 2: on a 2-core machine
 # that is "Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"
@@ -55,15 +55,9 @@ def main(model_dir, windows, recipe, group, out):
             base = key[:-len(".qweight")]
             n += t[base + ".scales"].shape[1] * t[base + ".g_idx"].numel()   # out * in
             bits += sum(t[base + s].numel() * t[base + s].element_size() * 8 for s in packed[:3])
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ev), 4):
-            ids = ev[i:i + 4]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids[:, 1:].numel()
+    ppl = perplexity(model, ev)
     with open(out, "w") as f:
-        json.dump({"ppl": math.exp(nll / count), "bits_per_weight": round(bits / n, 4), "seconds": round(time.time() - t0),
+        json.dump({"ppl": ppl, "bits_per_weight": round(bits / n, 4), "seconds": round(time.time() - t0),
                    "versions": {"gptqmodel": gptqmodel.__version__, "torch": torch.__version__,
                                 "transformers": __import__("transformers").__version__}}, f)
 

@@ -13,12 +13,12 @@ every token after the first in each window), as lowbit computes it. Bits per wei
 its checkpoint stores per quantized linear: 4-bit codes, an fp16 scale and a 4-bit zero point per
 group."""
 import json
-import math
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
+
+from peer_eval import perplexity   # beside this file
 
 
 def main(model_dir, windows, recipe, group, out):
@@ -45,13 +45,7 @@ def main(model_dir, windows, recipe, group, out):
     mods.append(GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"]))
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     oneshot(model=model, dataset=ds, recipe=mods, max_seq_length=calib.shape[1], num_calibration_samples=len(calib))
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ev), 4):
-            ids = ev[i:i + 4]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids[:, 1:].numel()
+    ppl = perplexity(model, ev)
     bits = n = 0
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale"):
@@ -59,7 +53,7 @@ def main(model_dir, windows, recipe, group, out):
             bits += 4 * m.weight.numel() + 16 * m.weight_scale.numel() + 4 * m.weight_zero_point.numel()
     import llmcompressor
     with open(out, "w") as f:
-        json.dump({"ppl": math.exp(nll / count), "bits_per_weight": round(bits / n, 4), "seconds": round(time.time() - t0),
+        json.dump({"ppl": ppl, "bits_per_weight": round(bits / n, 4), "seconds": round(time.time() - t0),
                    "versions": {"llmcompressor": llmcompressor.__version__,
                                 "transformers": __import__("transformers").__version__}}, f)
 
