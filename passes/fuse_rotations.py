@@ -133,21 +133,18 @@ def center_stream(ir, s) -> int:
     return len(norms)
 
 
-def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """The tensors a rotation changes, computed without touching the IR (pure, differentiable).
+def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None):
+    """The tensors a rotation changes, as (target, new value) one at a time, each read by `get` when
+    its turn comes (pure, differentiable; a model left on disk streams through it).
 
     R1 (row vectors: x_rot = x R1): embedding E R1 (and learned positions P R1); stream readers W R1; stream writers R1^T W,
     bias b R1. R2 per attention (shared by its heads, so grouped-query attention is unaffected):
     each value head's rows R2^T W_v,h (bias b_h R2) and o's input columns per head W_o,h R2.
     A tensor read by several of these roles (tied embedding and lm_head) is rotated once."""
-    out: dict[str, torch.Tensor] = {}
+    fns: dict[str, list] = {}   # target -> what it goes through, in order
 
-    def put(target, fn):
-        if target not in out:
-            out[target] = fn(get(target))
-
-    def cur(target):
-        return out[target] if target in out else get(target)
+    def put(target, fn):   # an R1 role: the first one a tensor has
+        fns.setdefault(target, [fn])
 
     for table in {s.embedding_weight, positions_table(s)} - {None}:
         put(table, lambda t: t @ r1)
@@ -165,12 +162,15 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None) ->
             out = w.clone()
             out[rows] = torch.einsum("ji,hj...->hi...", r2, heads).reshape(len(rows), *w.shape[1:])
             return out
-        out[a.v.weight] = v_fn(cur(a.v.weight))
+        fns.setdefault(a.v.weight, []).append(v_fn)
         if a.v.bias:
-            out[a.v.bias] = v_fn(cur(a.v.bias))
-        w = cur(a.o.weight)
-        out[a.o.weight] = (w.reshape(w.shape[0], -1, hd) @ r2).reshape(w.shape)
-    return out
+            fns.setdefault(a.v.bias, []).append(v_fn)
+        fns.setdefault(a.o.weight, []).append(lambda w, r2=r2, hd=hd: (w.reshape(w.shape[0], -1, hd) @ r2).reshape(w.shape))
+    for target, fs in fns.items():
+        t = get(target)
+        for f in fs:
+            t = f(t)
+        yield target, t
 
 
 def _note(node: fx.Node, text: str):
@@ -221,8 +221,7 @@ class FuseRotations(Pass):
         r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) if on else torch.eye(a.head_dim, dtype=torch.float64)
                for i, (a, on) in enumerate(zip(s.attentions, with_r2))] if any(with_r2) else None
         scaled = self._smooth(ir, s) if c.kind == "learned" else 0
-        new = rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s)
-        for target, t in new.items():
+        for target, t in rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s):
             ir.set_tensor(target, t.float())
         online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None) if with_r1 else 0
         for lin in stream_readers(s) if with_r1 else []:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -15,7 +16,9 @@ from tqdm import tqdm
 
 from lowbit.ir.formats.uniform import fake_quantize
 from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, kron_rotate, random_hadamard, random_orthogonal, supported
+from lowbit.ir.load import heap_temporaries
 from lowbit.ir.quant import quantize_tokens_lsq
+from lowbit.ir.store import OnDemand
 
 from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
 from .fuse_rotations import (LEARNED_R1, FuseRotations, check_head_path, check_rotatable, learned_r2, per_query_head,
@@ -47,13 +50,27 @@ class _Rows:
         return torch.cat([self.read(int(r[0]), int(r[-1]) + 1) for r in runs])
 
 
-def _record(gm, nodes, seqs, into: Path, progress: bool = False, batch: int = 4, norms=()) -> tuple[dict, dict]:
+def _keeper(directory: Path | None):
+    """m -> a function returning m: m itself, or, given a directory (a model left on disk), a file
+    there read back at each call, so that the loss's matrices are in memory one at a time."""
+    count = itertools.count()
+
+    def keep(m: torch.Tensor):
+        if directory is None:
+            return lambda: m
+        rows = _Rows(directory / f"kept{next(count)}.f32", m.shape[-1])
+        rows.append(m)
+        return rows.read
+    return keep
+
+
+def _record(ir, nodes, seqs, into: Path, progress: bool = False, batch: int = 4, norms=()) -> tuple[dict, dict]:
     """The values of `nodes` over the calibration sequences, as [tokens, width] rows (one forward
-    pass), each in a file under `into`; and of the nodes in `norms`, each row's squared norm (in
-    memory). Returns ({node: _Rows}, {node: squared norms})."""
+    pass, each weight read when its node runs), each in a file under `into`; and of the nodes in
+    `norms`, each row's squared norm (in memory). Returns ({node: _Rows}, {node: squared norms})."""
     rows_of, norms_of = dict.fromkeys(nodes), {n: [] for n in norms}
 
-    class Recorder(torch.fx.Interpreter):
+    class Recorder(OnDemand):
         def run_node(self, n):
             out = super().run_node(n)
             if n in rows_of or n in norms_of:
@@ -70,7 +87,7 @@ def _record(gm, nodes, seqs, into: Path, progress: bool = False, batch: int = 4,
             return out
     with torch.no_grad():
         for i in tqdm(range(0, len(seqs), batch), desc="learn-rotations: recording", disable=not progress, leave=False):
-            Recorder(gm).run(seqs[i: i + batch])
+            Recorder(ir).run(seqs[i: i + batch])
     return rows_of, {n: torch.cat(v) for n, v in norms_of.items()}
 
 
@@ -100,7 +117,7 @@ class Term:
     residual: fx.Node | None = None
 
 
-def _r1_terms(ir, s, a, quant_a, r1) -> list[Term]:
+def _r1_terms(ir, s, a, quant_a, r1, keep) -> list[Term]:
     """R1: each block norm's output (and the final norm's, when lm_head's input is quantized) into
     the linears reading it, unless their role is skipped."""
     roles = linear_roles(s)
@@ -109,7 +126,7 @@ def _r1_terms(ir, s, a, quant_a, r1) -> list[Term]:
         ws = [ir.tensor(lin.weight).float().reshape(lin.rows, -1) for lin in n.consumers   # experts: all rows
               if roles.get(lin.node) not in a.skipped and (a.lm_head or lin is not s.lm_head)]
         if ws:
-            terms.append(Term(n.output, None, _out_energy(torch.cat(ws)), lambda x: quant_a(x @ r1) @ r1.T))
+            terms.append(Term(n.output, None, _out_energy(torch.cat(ws), keep), lambda x: quant_a(x @ r1) @ r1.T))
     return terms
 
 
@@ -128,13 +145,13 @@ def _scaled(err, log_s, expand=lambda s: s):
     return f
 
 
-def _out_energy(w):
-    """e -> ||e W^T||^2 per row, through W^T or the Gram matrix W^T W, whichever is smaller."""
+def _out_energy(w, keep):
+    """e -> ||e W^T||^2 per row, through W^T or the Gram matrix W^T W, whichever is smaller (kept by `keep`)."""
     if w.shape[0] <= w.shape[1]:
-        wt = w.T.contiguous()
-        return lambda e: (e @ wt).square().sum(-1)
-    g = w.T @ w
-    return lambda e: ((e @ g) * e).sum(-1)
+        wt = keep(w.T.contiguous())
+        return lambda e: (e @ wt()).square().sum(-1)
+    g = keep(w.T @ w)
+    return lambda e: ((e @ g()) * e).sum(-1)
 
 
 def _start(n: int, seed: int) -> torch.Tensor:
@@ -194,10 +211,12 @@ class LearnRotations(Pass):
             return PassResult(False, {"already": True})
         if not ctx.applies("rotations"):   # one application: every matrix is learned together
             return PassResult(False)
-        ir.whole("learn-rotations (gradients through the model)")
         s = ir.analysis
         if c.load:
             return self._load(ir, s, Path(c.load))
+        if c.loss == "ce":   # loss=local streams: it records values in one forward pass and reads them back
+            ir.whole("learn-rotations{loss=ce} (gradients through the model; loss=local streams)")
+            s = ir.analysis
         if ctx.calib is None:
             raise PassFailure("needs calibration text (compile --calib FILE)")
         check_rotatable(s)
@@ -219,12 +238,12 @@ class LearnRotations(Pass):
         smooth = {}   # extra-tensor key -> log-scale, learned by Adam beside the rotations
         with tempfile.TemporaryDirectory(prefix="lowbit-learn-") as scratch:
             if c.loss == "local":
-                loss_on, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, Path(scratch))
+                parts, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, Path(scratch))
             else:
-                loss_on, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s,
+                parts, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s,
                                                             ctx.following(QuantizeWeights)[0], r4)
             learned = [r1, *r2s, *[f for ab in r4s for f in ab], *r3s]
-            stats = self._optimize(loss_on, batch_at, learned, smooth, ctx.progress)
+            stats = self._optimize(parts, batch_at, learned, smooth, ctx.progress)
         ir.extra_tensors[LEARNED_R1] = r1.detach().double()
         for i, r in enumerate(r2s):
             ir.extra_tensors[learned_r2(i)] = r.detach().double()
@@ -253,18 +272,33 @@ class LearnRotations(Pass):
             if r3 else []
         return r1, r2s, r4s, r3s
 
-    def _optimize(self, loss_on, batch_at, learned, smooth, progress) -> dict:
+    def _optimize(self, parts, batch_at, learned, smooth, progress) -> dict:
         """Cayley SGD on the rotations, Adam on the smoothing log-scales; the loss of a fixed batch
-        before and after (compares like with like)."""
+        before and after (compares like with like). The loss is a sum of parts (`parts(batch)`),
+        each differentiated alone and the gradients added, so one part's graph is alive at a time."""
         c = self.config
         probe = batch_at(0)
         with torch.no_grad():
-            before = loss_on(probe).item()
+            before = sum(p.item() for p in parts(probe))
         t0 = time.perf_counter()
         logs = list(smooth.values())
         adam = torch.optim.Adam(logs, lr=SMOOTH_LR) if logs else None
+        with heap_temporaries():
+            self._steps(parts, batch_at, learned, logs, adam, progress)
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            after = sum(p.item() for p in parts(probe))
+        return {"seconds": round(seconds, 1), "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4)}
+
+    def _steps(self, parts, batch_at, learned, logs, adam, progress):
+        c = self.config
         for step in tqdm(range(c.steps), desc="learn-rotations", disable=not progress, leave=False):
-            grads = torch.autograd.grad(loss_on(batch_at(step)), learned + logs, allow_unused=True)
+            grads = [None] * (len(learned) + len(logs))
+            for p in parts(batch_at(step)):
+                if not p.requires_grad:   # a term no learned matrix acts on
+                    continue
+                for i, g in enumerate(torch.autograd.grad(p, learned + logs, allow_unused=True)):
+                    grads[i] = g if grads[i] is None else grads[i] if g is None else grads[i] + g
             with torch.no_grad():
                 for r, g in zip(learned, grads):
                     if g is None:   # no term reads it (its linears are skipped)
@@ -274,10 +308,6 @@ class LearnRotations(Pass):
                 for t, g in zip(logs, grads[len(learned):]):
                     t.grad = g
                 adam.step()
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            after = loss_on(probe).item()
-        return {"seconds": round(seconds, 1), "probe_loss_before": round(before, 4), "probe_loss_after": round(after, 4)}
 
     def _end_to_end(self, ir, s, ctx, seqs, r1, r2s, quant, r4):
         """loss=ce: the model's next-token loss on calibration batches, with the rotations fused
@@ -300,7 +330,7 @@ class LearnRotations(Pass):
         gm, online, simulated = self._simulation(ir, ctx)
 
         def loss_on(ids):
-            new = rotated_tensors(s, get, r1, r2s)
+            new = dict(rotated_tensors(s, get, r1, r2s))
             params = dict(new)
             for lin in quantized:
                 w = new.get(lin.weight, get(lin.weight))
@@ -316,7 +346,7 @@ class LearnRotations(Pass):
 
         def batch_at(step):
             return seqs[torch.arange(step * c.batch, (step + 1) * c.batch) % len(seqs)]
-        return loss_on, batch_at, [quant.text(), *simulated]
+        return lambda ids: [loss_on(ids)], batch_at, [quant.text(), *simulated]
 
     def _local(self, ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, scratch: Path):
         """loss=local: the quantized inputs the rotations act on, recorded once from the float model,
@@ -336,29 +366,33 @@ class LearnRotations(Pass):
         a = act.config
         quant_a = lambda x: quantize_tokens_lsq(x, a.bits, a.group, a.sym, a.clip)   # noqa: E731
         grams = {}   # post-RoPE query node -> the keys' error metric, filled after recording
-        terms = _r1_terms(ir, s, a, quant_a, r1)
-        terms += self._attention_terms(ir, s, a, kv, quant_a, r2s, smooth)
+        keep = _keeper(scratch if ir.spill is not None else None)
+        terms = _r1_terms(ir, s, a, quant_a, r1, keep)
+        terms += self._attention_terms(ir, s, a, kv, quant_a, r2s, smooth, keep)
         queries = {att.rope_q: att for att in s.attentions} if r3s and kv is not None else {}
         for att, r3 in zip(s.attentions, r3s if kv is not None else []):
-            terms.append(Term(att.rope_k, None, lambda e, q=att.rope_q: ((e @ grams[q]) * e).sum(-1),
+            terms.append(Term(att.rope_k, None, lambda e, q=att.rope_q: ((e @ grams[q]()) * e).sum(-1),
                               _per_head_fn(r3, kv.config)))
         if "down" not in a.skipped:
-            terms += self._down_terms(ir, s, quant_a, r4s, smooth)
+            terms += self._down_terms(ir, s, quant_a, r4s, smooth, keep)
         residuals = {t.residual for t in terms if t.residual is not None}
         nodes = list(dict.fromkeys([t.node for t in terms] + list(queries)))
-        values, sq_norms = _record(ir.gm, nodes, seqs, scratch, ctx.progress, norms=residuals)
+        values, sq_norms = _record(ir, nodes, seqs, scratch, ctx.progress, norms=residuals)
         for qn, att in queries.items():   # each cached key head's error through its query heads' Gram matrix
             rows = values.pop(qn)
             heads = values[att.rope_k].width // att.head_dim   # kv heads, or all of them where the graph repeats k first
             q = rows.read().unflatten(-1, (heads, -1, att.head_dim))   # [tokens, key head, query, hd]
             rows.path.unlink()
-            grams[qn] = torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q))
+            grams[qn] = keep(torch.block_diag(*torch.einsum("tgqi,tgqj->gij", q, q) / len(q)))
         tokens = len(seqs) * seqs.shape[1]
         per_step = c.batch * c.seq
         order = torch.randperm(tokens, generator=torch.Generator().manual_seed(c.seed))
         xs, weights, energy = [], [], []   # each term's rows, in the order the steps read them
+        last = {t.node: i for i, t in enumerate(terms)}
         for i, t in enumerate(terms):
             x = values[t.node].read()
+            if last[t.node] == i:   # its last reader: the recorded file goes as its rows are rewritten
+                values.pop(t.node).path.unlink()
             x = x if t.cols is None else x[:, t.cols]
             # a token's error counts relative to the residual it is added to (the next norm divides by
             # it): weight 1 / ||h||^2 per token, so a few tokens with massive activations do not set the loss
@@ -368,22 +402,18 @@ class LearnRotations(Pass):
             xs[-1].append(x[order])
             weights.append(None if w is None else w[order])
             energy.append(en[order])
-        for v in values.values():
-            v.path.unlink()
 
         def batch_at(step):   # positions in `order`
             return torch.arange(step * per_step, (step + 1) * per_step) % tokens
 
-        def loss_on(pos):
-            total = 0.0
+        def parts(pos):   # the loss: the mean of the terms
             for x, w, en, t in zip(xs, weights, energy, terms):
                 x = x.take(pos)
                 e = t.energy(t.err(x) - x)
-                total = total + (e if w is None else e * w[pos]).sum() / en[pos].sum()
-            return total / len(terms)
-        return loss_on, batch_at, [e.text() for e in (act, kv) if e is not None]
+                yield (e if w is None else e * w[pos]).sum() / en[pos].sum() / len(terms)
+        return parts, batch_at, [e.text() for e in (act, kv) if e is not None]
 
-    def _attention_terms(self, ir, s, a, kv, quant_a, r2s, smooth) -> list[Term]:
+    def _attention_terms(self, ir, s, a, kv, quant_a, r2s, smooth, keep) -> list[Term]:
         """R2, per attention: the values into the KV cache (if quantized) and o's input (unless
         skipped), both read through o, with the values' learned scales when smooth=true."""
         terms = []
@@ -395,17 +425,17 @@ class LearnRotations(Pass):
             if kv is not None:   # a head's value error reaches o through that head's columns (averaged over heads)
                 heads = wo.reshape(len(wo), -1, att.head_dim)
                 g = torch.einsum("ohi,ohj->ij", heads, heads) / heads.shape[1]
-                gv = torch.block_diag(*[g] * (len(att.v_rows) // att.head_dim))
-                terms.append(Term(att.v.node, att.v_rows, lambda e, gv=gv: ((e @ gv) * e).sum(-1),
+                gv = keep(torch.block_diag(*[g] * (len(att.v_rows) // att.head_dim)))
+                terms.append(Term(att.v.node, att.v_rows, lambda e, gv=gv: ((e @ gv()) * e).sum(-1),
                                   _scaled(_per_head_fn(r2, kv.config), sv), home[id(att)]))
             if "o" not in a.skipped:
-                terms.append(Term(att.o.node.args[0], None, _out_energy(wo),
+                terms.append(Term(att.o.node.args[0], None, _out_energy(wo, keep),
                                   _scaled(lambda x, r2=r2: _per_head(x, r2, quant_a), sv,
                                           lambda v, att=att: per_query_head(v, att)),
                                   home[id(att)]))
         return terms
 
-    def _down_terms(self, ir, s, quant_a, r4s, smooth) -> list[Term]:
+    def _down_terms(self, ir, s, quant_a, r4s, smooth, keep) -> list[Term]:
         """Learned R4, per MLP: the down projection's input, with learned scales (smooth=true, gated
         MLPs with separate gate and up). Not for routed experts (their R4 stays the Hadamard it
         starts from)."""
@@ -417,7 +447,7 @@ class LearnRotations(Pass):
             sd = smooth.setdefault(smooth_down(i), torch.zeros(m.down.in_features, requires_grad=True)) \
                 if self.config.smooth and m.gate is not None and not m.fused_gate_up else None
             wd = ir.tensor(m.down.weight).float().reshape(m.down.rows, -1)   # experts: every expert's rows
-            terms.append(Term(m.down.node.args[0], None, _out_energy(wd),
+            terms.append(Term(m.down.node.args[0], None, _out_energy(wd, keep),
                               _scaled(lambda x, a4=a4, b4=b4: kron_rotate(quant_a(kron_rotate(x, a4, b4)), a4, b4,
                                                                           inverse=True), sd),
                               home[id(m)]))

@@ -5,7 +5,8 @@ environment; this file imports nothing of lowbit).
     python gptqmodel_peer.py MODEL_DIR WINDOWS.safetensors RECIPE GROUP OUT.json
 
 WINDOWS holds `calib` and `eval` token windows (lowbit's, so every row sees the same tokens).
-RECIPE: gptq (int4 asymmetric, act-order desc_act=True, the given group), quantized on the CPU.
+RECIPE: gptq (int4 asymmetric, act-order desc_act=True, the given group) or gptq-w3 (the same in
+int3), quantized on the CPU.
 The quantized model is saved as GPTQModel's checkpoint (GPTQ format) and loaded back with its
 TORCH kernel on the CPU; perplexity is exp(mean NLL of every token after the first in each
 window), as lowbit computes it. Bits per weight count what that checkpoint stores per quantized
@@ -33,9 +34,9 @@ def main(model_dir, windows, recipe, group, out):
     t0 = time.time()
     w = load_file(windows)
     calib, ev = w["calib"], w["eval"]
-    if recipe != "gptq":
+    if recipe not in ("gptq", "gptq-w3"):
         raise SystemExit(f"unknown recipe {recipe}")
-    cfg = QuantizeConfig(bits=4, group_size=int(group), sym=False, desc_act=True)
+    cfg = QuantizeConfig(bits=3 if recipe == "gptq-w3" else 4, group_size=int(group), sym=False, desc_act=True)
     model = GPTQModel.load(model_dir, cfg, device="cpu", dtype=torch.float32)
     model.quantize([{"input_ids": row.tolist()} for row in calib], batch_size=1)
     with tempfile.TemporaryDirectory() as qdir:

@@ -167,12 +167,12 @@ def _quanto(model, tok, calib) -> float:
 
 
 # -- AutoRound (sign-gradient rounding and clipping) ---------------------------------------------------
-def _autoround(group: int, iters: int, lr: float | None = None):
+def _autoround(group: int, iters: int, lr: float | None = None, bits: int = 4):
     """Intel's AutoRound on the torch model: each block's rounding offsets and clipping ranges tuned
     by sign-gradient descent against its float output, on the same 64 calibration windows of 512
     tokens lowbit's recipes use (given as token batches). It leaves the weights
     fake-quantized in place with fp16 scales and integer zero points, as its GPTQ-style export
-    stores them: bits per weight 4 + (16 + 4) / group."""
+    stores them: bits per weight b + (16 + b) / group."""
     def quantize(model, tok, calib) -> float:
         import logging
 
@@ -182,10 +182,10 @@ def _autoround(group: int, iters: int, lr: float | None = None):
         logging.getLogger("auto_round").setLevel(logging.WARNING)
         win = windows(tok.encode(read_text(calib)), 512, 64 * 512)
         batches = [win[i:i + 8] for i in range(0, len(win), 8)]   # lowbit's calibration windows, as token batches
-        ar = AutoRound(model, tok, bits=4, group_size=group, sym=False, dataset=batches, nsamples=len(win), seqlen=512,
+        ar = AutoRound(model, tok, bits=bits, group_size=group, sym=False, dataset=batches, nsamples=len(win), seqlen=512,
                        iters=iters, lr=lr, batch_size=8, device_map="cpu", enable_torch_compile=False, seed=0)
         ar.quantize()
-        bits = weights = 0
+        stored = weights = 0
         left = [lin for _, _, lin in _linears(model) if not hasattr(lin, "scale")]
         if left:
             widths = sorted({lin.in_features for lin in left})
@@ -193,8 +193,8 @@ def _autoround(group: int, iters: int, lr: float | None = None):
                                   f"(input widths {widths} are not multiples of it)")
         for _, _, lin in _linears(model):
             weights += lin.weight.numel()
-            bits += 4 * lin.weight.numel() + 16 * lin.scale.numel() + 4 * lin.zp.numel()
-        return bits / weights
+            stored += bits * lin.weight.numel() + 16 * lin.scale.numel() + bits * lin.zp.numel()
+        return stored / weights
     return quantize
 
 
@@ -298,10 +298,15 @@ PEERS: dict[str, Peer] = {
     "autoround-light-g64": Peer("AutoRound's light setting (50 sign-gradient steps per block at lr 5e-3), int4 "
                                 "asymmetric, group 64, 64 x 512 calibration tokens, torch",
                                 _torch_peer(_autoround(64, 50, 5e-3), ["auto-round"])),
+    "autoround-light-w3-g128": Peer("AutoRound's light setting (50 sign-gradient steps per block at lr 5e-3), int3 "
+                                    "asymmetric, group 128, 64 x 512 calibration tokens, torch",
+                                    _torch_peer(_autoround(128, 50, 5e-3, bits=3), ["auto-round"])),
     "gptqmodel-g128": Peer("GPTQModel GPTQ int4 asymmetric, group 128, act-order, its CPU torch kernel (its own "
                            "environment)", _own_env("gptqmodel", "gptq", 128)),
     "gptqmodel-g64": Peer("GPTQModel GPTQ int4 asymmetric, group 64, act-order, its CPU torch kernel (its own "
                           "environment)", _own_env("gptqmodel", "gptq", 64)),
+    "gptqmodel-w3-g128": Peer("GPTQModel GPTQ int3 asymmetric, group 128, act-order, its CPU torch kernel (its own "
+                              "environment)", _own_env("gptqmodel", "gptq-w3", 128)),
     "llmcompressor-gptq-g128": Peer("llm-compressor GPTQ int4 asymmetric, group 128, act-order (its own environment)",
                                     _own_env("llmcompressor", "gptq", 128)),
     "llmcompressor-gptq-g64": Peer("llm-compressor GPTQ int4 asymmetric, group 64, act-order (its own environment)",
