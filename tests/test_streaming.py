@@ -61,7 +61,7 @@ def test_evaluation_streams_too(bf16_dir):
 @pytest.mark.parametrize("family,recipe", [("llama", "w4-rtn"), ("llama", "w4-gptq"), ("llama", "quarot-w4-gptq"),
                                            ("gpt2", "w4-gptq"), ("qwen2", "w4a8kv8"), ("mixtral", "quarot-w4-gptq"),
                                            ("llama", "squeezellm-w3-sparse"), ("gemma3_text", "squeezellm-w3-sparse"),
-                                           ("llama", "LEARNED"), ("qwen2", "LEARNED")])
+                                           ("llama", "LEARNED"), ("qwen2", "LEARNED"), ("gemma3_text", "LEARNED")])
 def test_streamed_compile_equals_whole(tmp_path, family, recipe):
     """A budget of 1 kB: every weight is read from the checkpoint when a pass needs it and every
     tensor a pass writes is spilled to disk at once; the artifact is the same, tensor for tensor."""
