@@ -186,7 +186,7 @@ class QuantizeWeights(Pass):
     """Quantize linear weights to packed storage: rtn, gptq, finequant (adaptive group size) or squeezellm (per-row lookup tables)."""
     name = "quantize-weights"
     applications = "each linear not quantized yet, by its path (`layers.3.mlp.down_proj`, `lm_head`)"
-    after = ("fuse-rotations", "insert-hadamard", "split-outliers", "learn-rotations")
+    after = ("fuse-rotations", "insert-hadamard", "split-outliers", "learn-rotations", "scale-channels")
 
     @dataclass(frozen=True)
     class Config:
@@ -195,7 +195,8 @@ class QuantizeWeights(Pass):
         group: int = 128        # finequant: the smallest group it may choose; squeezellm: unused
         sym: bool = True
         offset: str = "zero"    # rtn, gptq with sym=false: an integer zero point (zero) or an fp16 group minimum
-                                # (min: w = code * scale + min, llama.cpp's Q4_1/Q5_1 grid)
+                                # (min: w = code * scale + min, llama.cpp's Q4_1/Q5_1 grid); with sym=true, signed:
+                                # the scale from each group's signed extreme, all 2^bits codes used (llama.cpp's Q4_0)
         clip: bool = False      # rtn, gptq: MSE search of a per-group clipping ratio
         lm_head: bool = False   # also quantize the output projection
         # gptq: dampening (fraction of mean diag H), column order by decreasing H diagonal with

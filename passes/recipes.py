@@ -18,11 +18,17 @@ RECIPES: dict[str, tuple[str, str]] = {
                               "quantize-weights{method=rtn,bits=8,group=128,sym=false,lm_head=true}",
                               "quarot-w4-gptq for deployment: lm_head packed too (int8), no R3 (it cancels in q k^T "
                               "and only serves KV-cache quantization), so decoding runs fewer online Hadamards (needs --calib)"),
-    "gguf-q4_0": ("fold-norms,fuse-rotations{kind=hadamard},"
-                  "quantize-weights{method=gptq,bits=4,group=32,sym=true,clip=true}",
-                  "rotations fused into the weights, then int4 symmetric GPTQ in groups of 32 with clipping: exactly "
-                  "llama.cpp's Q4_0 grid and nothing online (export --format gguf; compressed-tensors too where 32 "
-                  "divides K) (needs --calib)"),
+    "gguf-q4_0": ("scale-channels,quantize-weights{method=gptq,bits=4,group=32,sym=true,offset=signed,clip=true}",
+                  "AWQ-style channel scales (into the norms, values and up projections: the model's own tensor layout, "
+                  "a tied output projection stays tied), then GPTQ with clipping on exactly llama.cpp's Q4_0 grid "
+                  "(signed-extreme scales, groups of 32): a GGUF file of llama.cpp's own Q4_0 size (export --format "
+                  "gguf) (needs --calib)"),
+    "gguf-q4_0-rotated": ("fold-norms,fuse-rotations{kind=hadamard},"
+                          "quantize-weights{method=gptq,bits=4,group=32,sym=true,clip=true}",
+                          "rotations fused into the weights, then int4 symmetric GPTQ in groups of 32 with clipping: "
+                          "llama.cpp's Q4_0 grid and nothing online; the rotation unties a tied output projection, so "
+                          "the file is larger (export --format gguf; compressed-tensors too where 32 divides K) "
+                          "(needs --calib)"),
     "gguf-q4_1": ("fold-norms,fuse-rotations{kind=hadamard},"
                   "quantize-weights{method=gptq,bits=4,group=32,sym=false,offset=min,clip=true}",
                   "rotations fused into the weights, then int4 GPTQ in groups of 32 with an fp16 minimum and clipping: "

@@ -21,15 +21,21 @@ def _transformers_logits(path, x):
         return model(x).logits
 
 
-@pytest.mark.parametrize("source,group", [("stories", -1), ("qwen2", 32)])
-def test_transformers_loads_rotated_gptq_weights(tmp_path, source, group):
+SCALED_GPTQ = "scale-channels,quantize-weights{method=gptq,bits=4,group=%s,sym=true,offset=signed}"
+
+
+@pytest.mark.parametrize("source,group,passes", [("stories", -1, ROTATED_GPTQ), ("qwen2", 32, ROTATED_GPTQ),
+                                                 ("qwen2", 32, SCALED_GPTQ)])
+def test_transformers_loads_gptq_weights(tmp_path, source, group, passes):
     """R1/R2 fused into the weights, norms folded (their modules made pure normalizations), int4
-    GPTQ per channel (stories260K) or in groups of 32 with biases (a Qwen2 config)."""
+    GPTQ per channel (stories260K) or in groups of 32 with biases (a Qwen2 config); or channel
+    scales moved into the norms, values and up projections, then GPTQ on Q4_0's signed grid
+    (negative scales where a group's extreme is positive)."""
     calib = need_data("tinyshakespeare", "input.txt")
     if source == "qwen2":
         tiny_hf_dir(tmp_path / "m", "qwen2", torch.bfloat16)
     model = str(STORIES if source == "stories" else tmp_path / "m")
-    api.compile(model, passes=ROTATED_GPTQ % group, calib=calib, out=tmp_path / "a", progress=False)
+    api.compile(model, passes=passes % group, calib=calib, out=tmp_path / "a", progress=False)
     api.export(str(tmp_path / "a"), tmp_path / "ct", format="compressed-tensors")
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     weights = next(iter(cfg["config_groups"].values()))["weights"]

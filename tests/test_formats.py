@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lowbit.ir.formats import pack, unpack
-from lowbit.ir.formats.uniform import QuantSpec, dequantize, fit_groups, pack_weight, quantize
+from lowbit.ir.formats.uniform import QuantSpec, dequantize, dequantize_codes, fit_groups, pack_weight, quantize
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,6 +69,43 @@ def test_group_minimum_grid(bits, group, k, seed):
     assert torch.equal(t["zeros"], group_min.half())   # each group starts at its own minimum
 
 
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), group=st.sampled_from([-1, 32, 7]), k=st.integers(2, 80), seed=st.integers(0, 2**16))
+def test_signed_symmetric_grid(bits, group, k, seed):
+    """offset=signed (llama.cpp's Q4_0 rule): each group's scale is its signed extreme over
+    -2^(bits-1), so that weight lands on code 0 exactly and every code is in reach; the scale is
+    negative where the extreme is positive; the layout is the plain symmetric one."""
+    spec = QuantSpec(bits, group, True, "signed")
+    w = torch.randn(5, k, generator=torch.Generator().manual_seed(seed))
+    p = pack_weight(w, spec)
+    t = p.tensors
+    assert t["zeros"] is None and "offset" not in p.info
+    codes = unpack(t["qweight"], bits, k)
+    cols = torch.arange(k) // spec.group_size(k)
+    for g in range(spec.n_groups(k)):
+        wg = w[:, cols == g]
+        at = wg.abs().argmax(1)
+        extreme = wg.gather(1, at[:, None])[:, 0]
+        assert torch.equal(t["scales"][:, g], (extreme / -(1 << (bits - 1))).half())
+        assert (codes[:, cols == g].gather(1, at[:, None]) == 0).all()
+    step = t["scales"].float().abs()[:, cols]
+    w_hat = p.w_hat()
+    inside = w.abs() <= (((1 << (bits - 1)) - 1) * step)   # the far side reaches 2^(bits-1) - 1 steps
+    assert ((w - w_hat).abs()[inside] <= (step * 0.5 + 2e-3 * w.abs().max())[inside]).all()
+
+
+def test_signed_grid_lowers_error_on_gaussian_weights():
+    """One more code than max|x| / 7: less squared error at 4 bits, with and without clipping."""
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    err = {}
+    for offset in ("zero", "signed"):
+        for clip in (False, True):
+            spec = QuantSpec(4, 32, True, offset)
+            s, z = fit_groups(w, spec, clip_search=clip)
+            err[offset, clip] = (dequantize_codes(quantize(w, s, z, spec), s, z, spec) - w).pow(2).mean().item()
+    assert err["signed", False] < 0.85 * err["zero", False] and err["signed", True] < 0.95 * err["zero", True]
+
+
 def test_clip_search_never_worse_than_minmax():
     w = torch.randn(16, 256) ** 3   # heavy tails: clipping pays
     for bits in (3, 4):
@@ -89,3 +126,5 @@ def test_bad_spec_rejected():
         QuantSpec(4, 0, True)
     with pytest.raises(ValueError, match="sym=false"):
         QuantSpec(4, 32, True, "min")
+    with pytest.raises(ValueError, match="sym=true"):
+        QuantSpec(4, 32, False, "signed")

@@ -23,15 +23,16 @@ def tiny_llama(tmp_path_factory):
     return d, calib
 
 
-@pytest.mark.parametrize("grid,qtype", [("bits=4,sym=true", "Q4_0"), ("bits=4,sym=false,offset=min", "Q4_1"),
+@pytest.mark.parametrize("grid,qtype", [("bits=4,sym=true", "Q4_0"), ("bits=4,sym=true,offset=signed", "Q4_0"),
+                                        ("bits=4,sym=false,offset=min", "Q4_1"),
                                         ("bits=5,sym=true", "Q5_0"), ("bits=5,sym=false,offset=min", "Q5_1"),
                                         ("bits=8,sym=true", "Q8_0")])
 def test_rotated_gptq_weights_are_written_as_they_are(tiny_llama, grid, qtype):
     import gguf
     d, calib = tiny_llama
-    art = d / qtype
+    art = d / grid.replace("=", "-").replace(",", "_")
     api.compile(str(d / "m"), passes=ROTATED_GPTQ % grid, calib=calib, out=art, progress=False)
-    path = api.export(str(art), d / f"{qtype}.gguf", format="gguf")
+    path = api.export(str(art), d / f"{art.name}.gguf", format="gguf")
     r = gguf.GGUFReader(path)
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert r.fields["general.architecture"].contents() == "llama"
@@ -103,3 +104,34 @@ def test_q4_0_tables(tiny_llama, tmp_path):
     for name in ("token_embd.weight", "output.weight"):
         assert small[name].tensor_type is q4
         assert np.array_equal(np.asarray(small[name].data), gguf.quants.quantize(np.asarray(exact[name].data), q4))
+
+
+def test_q4_0_recipe_keeps_a_tied_head_tied(tmp_path):
+    """`gguf-q4_0` (channel scales, then GPTQ on Q4_0's grid) leaves norms in place and the output
+    projection tied: the file holds exactly the tensors, types and bytes of llama.cpp's own Q4_0 of
+    the same model, and llama.cpp runs it as the artifact computes."""
+    import gguf
+
+    from lowbit.passes import RECIPES
+    tiny_hf_dir(tmp_path / "m", "llama", torch.float32, tie_word_embeddings=True)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog " * 100)
+    art = tmp_path / "a"
+    res = api.compile(str(tmp_path / "m"), "gguf-q4_0", calib=calib, out=art, progress=False)
+    assert res.ir.analysis.tied_embedding
+    scaled = next(s for s in res.ir.stats if s["pass"].startswith("scale-channels"))
+    assert scaled["modified"] and scaled["grid"] == "QuantSpec(bits=4, group=32, sym=True, offset='signed')"
+    ours = gguf.GGUFReader(api.export(str(art), tmp_path / "a.gguf", format="gguf"))
+    types = {t.name: t.tensor_type.name for t in ours.tensors}
+    assert "output.weight" not in types and types["token_embd.weight"] == "Q8_0"
+    assert {types[n] for n in types if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n} == {"Q4_0"}
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'lowbit[llamacpp]')")
+    api.compile(str(tmp_path / "m"), passes="split-outliers{fraction=0,sensitive=0}", out=tmp_path / "f", progress=False)
+    f32 = api.export(str(tmp_path / "f"), tmp_path / "f32.gguf", format="gguf", gguf_float="f32")
+    theirs = tmp_path / "q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+    theirs = gguf.GGUFReader(theirs)
+    assert types == {t.name: t.tensor_type.name for t in theirs.tensors}
+    assert sum(t.n_bytes for t in ours.tensors) == sum(t.n_bytes for t in theirs.tensors)   # the headers differ a little

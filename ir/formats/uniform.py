@@ -49,17 +49,22 @@ class QuantSpec:
     bits: int
     group: int  # -1: per output channel
     sym: bool
-    offset: str = "zero"   # asymmetric: an integer zero point ("zero") or an fp16 group minimum ("min")
+    offset: str = "zero"   # asymmetric: an integer zero point ("zero") or an fp16 group minimum ("min");
+    #                        symmetric: "signed" takes the scale from the group's signed extreme, -x/2^(bits-1),
+    #                        so that it lands on the lowest code and all 2^bits codes are used (llama.cpp's Q4_0
+    #                        rule; the scale may be negative), instead of max|x| / (2^(bits-1) - 1)
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.group != -1 and self.group < 1:
             raise ValueError(f"group must be -1 or a positive size, got {self.group}")
-        if self.offset not in ("zero", "min"):
-            raise ValueError(f"offset must be zero or min, got {self.offset}")
+        if self.offset not in ("zero", "min", "signed"):
+            raise ValueError(f"offset must be zero, min or signed, got {self.offset}")
         if self.offset == "min" and self.sym:
             raise ValueError("offset=min is an asymmetric grid: use it with sym=false")
+        if self.offset == "signed" and not self.sym:
+            raise ValueError("offset=signed is a symmetric grid: use it with sym=true")
 
     def group_size(self, k: int) -> int:
         return k if self.group == -1 else self.group
@@ -90,14 +95,17 @@ def _fit(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]
         return scale, -lo / scale
     if spec.sym:
         half = 1 << (spec.bits - 1)
-        scale = wg.abs().amax(-1) / (half - 1)
+        if spec.offset == "signed":
+            scale = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))[..., 0] / -half
+        else:
+            scale = wg.abs().amax(-1) / (half - 1)
         zero = torch.full_like(scale, float(half))
     else:
         lo = wg.amin(-1).clamp(max=0)
         hi = wg.amax(-1).clamp(min=0)
         scale = (hi - lo) / qmax
         zero = torch.round(-lo / torch.where(scale > 0, scale, 1)).clamp(0, qmax)
-    return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
+    return torch.where(scale != 0, scale, torch.ones_like(scale)), zero
 
 
 def to_grid(values, scale, zero, spec: QuantSpec):
