@@ -132,9 +132,13 @@ class OnDemand(fx.Interpreter):
             return _Deferred(n.target)
         return super().run_node(n)
 
+    def read(self, target: str) -> torch.Tensor:
+        """The tensor a node uses, when it runs (a subclass may hand it another)."""
+        return self.ir.tensor(target)
+
     def fetch_args_kwargs_from_env(self, n: fx.Node):
         args, kwargs = super().fetch_args_kwargs_from_env(n)
-        read = lambda a: self.ir.tensor(a.target) if isinstance(a, _Deferred) else a   # noqa: E731
+        read = lambda a: self.read(a.target) if isinstance(a, _Deferred) else a   # noqa: E731
         return fx.node.map_aggregate(args, read), fx.node.map_aggregate(kwargs, read)
 
 

@@ -31,6 +31,20 @@ def per_query_head(values, a):
     return values.view(-1, a.head_dim).repeat_interleave(a.n_heads // a.n_kv_heads, 0).flatten()
 
 
+def scale_rows(ir, lin, s):
+    """A linear's output channels (weight rows, bias) times s, computed in float64."""
+    ir.set_tensor(lin.weight, (ir.tensor(lin.weight).double() * s[:, None]).float())
+    if lin.bias:
+        ir.set_tensor(lin.bias, (ir.tensor(lin.bias).double() * s).float())
+
+
+def divide_values(ir, a, sv):
+    """An attention's values (the rows of v that produce them) divided by sv, one per value channel."""
+    inv = torch.ones(ir.tensor(a.v.weight).shape[0], dtype=torch.float64)
+    inv[a.v_rows] = 1 / sv
+    scale_rows(ir, a.v, inv)
+
+
 def learned_r2(layer: int) -> str:
     return f"rotations.R2.{layer}"
 
@@ -243,29 +257,22 @@ class FuseRotations(Pass):
         """learn-rotations{smooth=true}'s per-channel scales, before the rotations: values v / s
         (v's rows) with o's input columns times s (per query head, through the GQA repeat); the
         down input / s (up's rows, the gate stays) with down's columns times s. Exact."""
-        def scale(target, s, dim):
-            t = ir.tensor(target).double()
-            ir.set_tensor(target, (t * (s if dim == -1 else s[:, None])).float())
+        def scale_columns(target, s):
+            ir.set_tensor(target, (ir.tensor(target).double() * s).float())
         n = 0
         for i, a in enumerate(s.attentions):
             sv = ir.extra_tensors.get(smooth_v(i))
             if sv is None:
                 continue
-            inv = torch.ones(ir.tensor(a.v.weight).shape[0], dtype=torch.float64)
-            inv[a.v_rows] = 1 / sv
-            scale(a.v.weight, inv, 0)
-            if a.v.bias:
-                scale(a.v.bias, inv, -1)
-            scale(a.o.weight, per_query_head(sv, a), -1)
+            divide_values(ir, a, sv)
+            scale_columns(a.o.weight, per_query_head(sv, a))
             n += 1
         for i, m in enumerate(s.mlps):
             sd = ir.extra_tensors.get(smooth_down(i))
             if sd is None:
                 continue
-            scale(m.up.weight, 1 / sd, 0)
-            if m.up.bias:
-                scale(m.up.bias, 1 / sd, -1)
-            scale(m.down.weight, sd, -1)
+            scale_rows(ir, m.up, 1 / sd)
+            scale_columns(m.down.weight, sd)
             n += 1
         return n
 

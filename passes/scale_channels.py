@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from lowbit.ir.analysis import LAYOUT_OPS
 from lowbit.ir.formats.uniform import QuantSpec, fake_quantize
-from lowbit.ir.store import OnDemand, _Deferred
+from lowbit.ir.store import OnDemand
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, all_sum, my_share, register
-from .fuse_rotations import check_head_path, per_query_head
+from .fuse_rotations import check_head_path, divide_values, per_query_head, scale_rows
 from .quantize_weights import QuantizeWeights
 
 aten = torch.ops.aten
@@ -29,8 +29,8 @@ aten = torch.ops.aten
 
 @dataclass
 class Site:
-    """One place scales move through: `readers` take s on their input columns; `apply(s)` gives
-    the producer 1/s (s per reader input column; `per_channel` maps it from the producer's channels)."""
+    """One place scales move through: `readers` take s on their input columns; `apply(ir, s)` gives
+    the producer 1/s; `tie` makes s equal where reader columns share one producer channel."""
     name: str
     readers: list           # Linear, in graph order; the first one's input is the site's input
     apply: object           # (ir, s over the readers' input columns) -> None: the producer's side
@@ -67,11 +67,8 @@ def _value_site(ir, a) -> Site | str:
     def values(s):   # o's columns (query heads) -> one value per value channel
         return s.view(a.n_kv_heads, rep, a.head_dim).mean(1).flatten()
 
-    def apply(ir, s):
-        inv = torch.ones(ir.tensor(a.v.weight).shape[0], dtype=torch.float64)
-        inv[a.v_rows] = 1 / values(s)
-        _scale_rows(ir, a.v, inv)
-    return Site(a.o.path, [a.o], apply, tie=lambda s: per_query_head(values(s), a))
+    return Site(a.o.path, [a.o], lambda ir, s: divide_values(ir, a, values(s)),
+                tie=lambda s: per_query_head(values(s), a))
 
 
 def _up_site(ir, m) -> Site | str:
@@ -85,19 +82,13 @@ def _up_site(ir, m) -> Site | str:
     sides = [_behind_layout(a) if isinstance(a, fx.Node) else a for a in x.args[:2]]
     if m.up.node not in sides or len(m.up.node.users) != 1:
         return "up's output reaches down other than as one factor of act(gate) * up"
-    return Site(m.down.path, [m.down], lambda ir, s: _scale_rows(ir, m.up, 1 / s))
+    return Site(m.down.path, [m.down], lambda ir, s: scale_rows(ir, m.up, 1 / s))
 
 
 def _behind_layout(n: fx.Node) -> fx.Node:
     while n.target in LAYOUT_OPS and len(n.all_input_nodes) == 1:
         n = n.all_input_nodes[0]
     return n
-
-
-def _scale_rows(ir, lin, s):
-    ir.set_tensor(lin.weight, (ir.tensor(lin.weight).double() * s[:, None]).float())
-    if lin.bias:
-        ir.set_tensor(lin.bias, (ir.tensor(lin.bias).double() * s).float())
 
 
 def best_scale(ws: list[torch.Tensor], h: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec, alphas: int,
@@ -126,9 +117,10 @@ def best_scale(ws: list[torch.Tensor], h: torch.Tensor, mean_abs: torch.Tensor, 
 
 
 class _Walk(OnDemand):
-    """Runs the calibration batch; at each site's first reader, measures its input (H, mean |x|),
-    picks s and rewrites the stored tensors; the walk itself goes on with the weights as they were
-    (the model's function is unchanged, so every later site sees the inputs it will have)."""
+    """Runs the calibration batch; at each site's first reader, measures its input (H, mean |x|)
+    and calls choose(site, h, m, the readers' weights as read), which picks s and rewrites the
+    stored tensors; the walk itself goes on with the weights as they were (the model's function is
+    unchanged, so every later site sees the inputs it will have)."""
 
     class Done(Exception):
         pass
@@ -139,11 +131,8 @@ class _Walk(OnDemand):
         self.choose = choose
         self.kept = {}   # weight target -> its tensor before scaling, for readers after a site's first
 
-    def fetch_args_kwargs_from_env(self, n):
-        args, kwargs = fx.Interpreter.fetch_args_kwargs_from_env(self, n)
-        read = lambda a: (self.kept.pop(a.target) if a.target in self.kept else self.ir.tensor(a.target)) \
-            if isinstance(a, _Deferred) else a   # noqa: E731
-        return fx.node.map_aggregate(args, read), fx.node.map_aggregate(kwargs, read)
+    def read(self, target):
+        return self.kept.pop(target) if target in self.kept else super().read(target)
 
     def run_node(self, n):
         site = self.first.pop(n, None)
@@ -157,7 +146,7 @@ class _Walk(OnDemand):
         m = all_sum(flat.abs().sum(0)) / rows
         for lin in site.readers[1:]:
             self.kept[lin.weight] = self.ir.tensor(lin.weight)
-        self.choose(site, h, m)
+        self.choose(site, h, m, [args[1], *(self.kept[lin.weight] for lin in site.readers[1:])])
         out = F.linear(x, args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         if not self.first:
             raise self.Done
@@ -227,8 +216,8 @@ class ScaleChannels(Pass):
         bar = tqdm(total=len(sites), desc="scale-channels", unit="site", disable=not ctx.progress, leave=False)
         chosen = {}
 
-        def choose(site, h, m):
-            ws = [ir.tensor(lin.weight).double() for lin in site.readers]
+        def choose(site, h, m, ws):
+            ws = [w.double() for w in ws]
             sc, alpha, err, base = best_scale(ws, h, m, spec, c.alphas, site.tie)
             if alpha > 0:
                 for lin, w in zip(site.readers, ws):
