@@ -119,13 +119,21 @@ class _Deferred:
         self.target = target
 
 
+_FACTORIES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step,
+              torch.ops.aten.full.default, torch.ops.aten.ones.default, torch.ops.aten.zeros.default,
+              torch.ops.aten.scalar_tensor.default, torch.ops.aten.empty.memory_format}
+
+
 class OnDemand(fx.Interpreter):
     """Runs an IR's graph node by node, reading each stored tensor when a node uses it and dropping
-    it after that node: memory holds the live activations and one node's weights."""
+    it after that node: memory holds the live activations and one node's weights. On another
+    `device` (a GPU), each tensor is moved there as it is read, and the tensors the graph makes
+    (captured on the CPU: masks, positions) are made there."""
 
-    def __init__(self, ir):
+    def __init__(self, ir, device: torch.device | str | None = None):
         super().__init__(ir.gm)
         self.ir = ir
+        self.device = None if device is None or torch.device(device).type == "cpu" else torch.device(device)
 
     def run_node(self, n: fx.Node):
         if n.op == "get_attr":
@@ -134,12 +142,16 @@ class OnDemand(fx.Interpreter):
 
     def read(self, target: str) -> torch.Tensor:
         """The tensor a node uses, when it runs (a subclass may hand it another)."""
-        return self.ir.tensor(target)
+        t = self.ir.tensor(target)
+        return t if self.device is None else t.to(self.device)
 
     def fetch_args_kwargs_from_env(self, n: fx.Node):
         args, kwargs = super().fetch_args_kwargs_from_env(n)
         read = lambda a: self.read(a.target) if isinstance(a, _Deferred) else a   # noqa: E731
-        return fx.node.map_aggregate(args, read), fx.node.map_aggregate(kwargs, read)
+        args, kwargs = fx.node.map_aggregate(args, read), fx.node.map_aggregate(kwargs, read)
+        if self.device is not None and n.op == "call_function" and ("device" in kwargs or n.target in _FACTORIES):
+            kwargs = {**kwargs, "device": self.device}
+        return args, kwargs
 
 
 class Checkpoint:

@@ -69,6 +69,7 @@ class PassContext:
     seed: int = 0
     calib: torch.Tensor | None = None     # [n, ctx] token windows from calibration text
     progress: bool = False
+    device: torch.device = torch.device("cpu")   # where calibration walks, Hessians and GPTQ run
     later: dict = field(default_factory=dict)   # pass class -> its entries after the running pass (set by the manager)
     resume: Path | None = None            # where passes keep finished pieces, so a killed compile resumes
     checkpoint: Checkpoint | None = None  # the running entry's part of `resume` (set by the manager)

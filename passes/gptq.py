@@ -22,17 +22,18 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
     Static groups: scales and zero points come from the original W's groups, so with act_order
     (columns visited by decreasing H diagonal) the stored layout is the plain group layout and
     costs nothing at inference. Dampening adds damp * mean(diag H) to the diagonal. clip: each group's
-    range is the MSE-best shrink of its min/max (as QuaRot's and SpinQuant's GPTQ do)."""
-    w = w.double().clone()
+    range is the MSE-best shrink of its min/max (as QuaRot's and SpinQuant's GPTQ do). Runs where
+    H is (a GPU's calibration walk leaves it there); the results are on the CPU."""
+    w = w.to(h.device, torch.float64, copy=True)
     w[:, torch.diagonal(h) == 0] = 0                    # inputs that are always zero: free columns
     scale, zero = fit_groups(w, spec, clip)             # static groups, fp16-rounded scales
-    col_group = torch.arange(w.shape[1]) // spec.group_size(w.shape[1])
+    g = spec.group_size(w.shape[1])
 
     def grid(values, col):
-        s, z = scale[:, col_group[col]], zero[:, col_group[col]]
+        s, z = scale[:, col // g], zero[:, col // g]
         q = to_grid(values, s, z, spec)
         return q, (q - z) * s
-    return gptq_columns(w, h, grid, damp, act_order, block), scale, zero
+    return gptq_columns(w, h, grid, damp, act_order, block).cpu(), scale.cpu(), zero.cpu()
 
 
 def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act_order: bool = True,
@@ -41,21 +42,22 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     rounds one column; the rounding error is fed forward to the columns not yet visited through
     the Cholesky factor of H^-1. Returns codes [N, K] int32."""
     n, k = w.shape
-    w = w.double().clone()
+    w = w.to(h.device, torch.float64, copy=True)
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=h.device)
     w, h = w[:, perm], h[perm[:, None], perm]
     h.diagonal().add_(damp * torch.diagonal(h).mean())   # in place: no second K x K matrix
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(n, k, dtype=torch.int32)
+    codes = torch.zeros(n, k, dtype=torch.int32, device=w.device)
+    cols = perm.tolist()   # column numbers as Python ints (one transfer, not one per column on a GPU)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
         for i in range(i2 - i1):
-            q, deq = grid(w1[:, i], int(perm[i1 + i]))
+            q, deq = grid(w1[:, i], cols[i1 + i])
             codes[:, i1 + i] = q.to(torch.int32)
             e = (w1[:, i] - deq) / hinv[i1 + i, i1 + i]
             w1[:, i:] -= e[:, None] * hinv[i1 + i, i1 + i:i2][None, :]
@@ -78,7 +80,7 @@ class ExpertHessians:
         hs, rows = [], []
         for s, e in expert_rows(offsets):
             flat = x[s:e].double()
-            n = int(all_sum(torch.tensor([e - s], dtype=torch.float64)).item())
+            n = int(all_sum(torch.tensor([e - s], dtype=torch.float64, device=x.device)).item())
             h = all_sum(flat.T @ flat)
             hs.append(h * 2 / n if n else None)
             rows.append(n)
@@ -108,8 +110,8 @@ class _Calibrate(OnDemand):
     class Done(Exception):
         pass
 
-    def __init__(self, ir, targets, quantize, sequential, known=()):
-        super().__init__(ir)
+    def __init__(self, ir, targets, quantize, sequential, known=(), device=None):
+        super().__init__(ir, device)
         self.targets, self.quantize, self.sequential = set(targets), quantize, sequential
         self.known = set(known)   # targets already quantized (a resumed compile): no H for them
         self.order = {n: i for i, n in enumerate(ir.graph.nodes)}
@@ -130,10 +132,10 @@ class _Calibrate(OnDemand):
                     h = ExpertHessians.of(x, args[2])
                 else:
                     flat = x.reshape(-1, x.shape[-1]).double()
-                    rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64))
+                    rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64, device=flat.device))
                     h = all_sum(flat.T @ flat) * 2 / rows
             self.w_hat.update(self.quantize(group, h))
-        w_hat = self.w_hat.pop(n).to(w.dtype)
+        w_hat = self.w_hat.pop(n).to(w)   # its dtype, on the walk's device
         self.targets.discard(n)
         w = w_hat if self.sequential else w
         out = grouped_linear(x, w, args[2]) if grouped else F.linear(x, w, bias)
@@ -143,11 +145,12 @@ class _Calibrate(OnDemand):
 
 
 @torch.no_grad()
-def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True, known=()):
-    """Walk the calibration batch, calling quantize(group, H) -> {node: w_hat} at the first of each
-    group of targets reading one input (H None when the group is all `known`, whose results exist
-    already), and continue with what it returns."""
+def calibrate_and_quantize(ir, targets, calib: torch.Tensor, quantize, sequential: bool = True, known=(),
+                           device=None):
+    """Walk the calibration batch (on `device`: the activations and H there), calling quantize(group,
+    H) -> {node: w_hat} at the first of each group of targets reading one input (H None when the
+    group is all `known`, whose results exist already), and continue with what it returns."""
     try:
-        _Calibrate(ir, targets, quantize, sequential, known).run(my_share(calib))
+        _Calibrate(ir, targets, quantize, sequential, known, device).run(my_share(calib).to(device or "cpu"))
     except _Calibrate.Done:
         pass

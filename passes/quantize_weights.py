@@ -130,7 +130,7 @@ def _finequant(s: FineQuant, w, h, sens) -> Packed:
 
 @quantizer(SqueezeLLM)
 def _squeezellm(s: SqueezeLLM, w, h, sens) -> Packed:
-    return squeezellm(w, sens, s.bits, h if s.gptq else None, s.damp, s.act_order)
+    return squeezellm(w, sens, s.bits, h.cpu() if s.gptq and h is not None else None, s.damp, s.act_order)
 
 
 def squeezellm(w: torch.Tensor, sensitivity: torch.Tensor, bits: int, h: torch.Tensor | None = None,
@@ -374,7 +374,8 @@ class QuantizeWeights(Pass):
                 import torch.distributed as dist
                 dist.barrier()
             known = {lin.node for lin in todo if ctx.checkpoint and ctx.checkpoint.has(lin.weight)}
-            calibrate_and_quantize(ir, list(by_node), ctx.calib[: c.samples], store_group, c.sequential, known)
+            calibrate_and_quantize(ir, list(by_node), ctx.calib[: c.samples], store_group, c.sequential, known,
+                                   ctx.device)
         else:
             for lin in todo:
                 store(lin)

@@ -74,7 +74,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
             tokenizer: str | None = None, force: bool = False, dump_ir=None, verify: bool = False,
             diff: bool = False, provenance: bool = False, progress: bool = True,
             max_memory: int | None = None, dump_ir_changed: bool = False, dump_ir_tree: bool = False,
-            repro=None) -> Compiled:
+            repro=None, device: str = "cpu") -> Compiled:
     """Run a recipe (or a pipeline text) on a model; with `out`, write the artifact there.
     calib: a text file for the passes that calibrate (never the evaluation text).
 
@@ -92,7 +92,10 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
 
     Launched by torchrun (`torchrun --nproc-per-node N -m lowbit.tools.cli compile ...`), the
     processes split the calibration windows: Hessians and Fisher sums are added over them, every
-    process then quantizes alike, and the first writes the artifact."""
+    process then quantizes alike, and the first writes the artifact.
+
+    device="cuda": GPTQ's calibration walk, its Hessians and its column walk run on the GPU (under
+    torchrun, each process on the GPU of its local rank); the artifact is the same format."""
     from lowbit.ir.artifact import check_output_dir, is_artifact, point_at, read_manifest, save_artifact
     from lowbit.ir.load import sha256_files
     from lowbit.passes import PassContext, PassManager
@@ -108,6 +111,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     done = read_manifest(model).get("pipeline_entries", []) if is_artifact(model) else []
     pm = PassManager(text, done=done)   # parsed and checked before the (slow) load: typos fail fast
     rank = _join_ranks()
+    device = _compile_device(device)
     torch.manual_seed(seed)
     ir = load(model, tokenizer, max_memory)
     calib_info, calib_win = None, None
@@ -136,14 +140,14 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
         pm.instruments.append(reproducer := Reproducer(repro, diff_inputs))
     log.info("running %s", pm)
     try:
-        pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress, resume=resume))
+        pm.run(ir, PassContext(seed=seed, calib=calib_win, progress=progress, resume=resume, device=device))
     except PipelineError as e:
         if repro and reproducer.written:
             raise PipelineError(f"{e}; a reproducer is in {repro} (lowbit debug repro {repro})") from e
         raise
     manifest = {"lowbit_version": package_version("lowbit"), "torch_version": torch.__version__,
                 "transformers_version": package_version("transformers"), "python": platform.python_version(),
-                "seed": seed, "recipe": recipe, "calibration": calib_info,
+                "seed": seed, "recipe": recipe, "calibration": calib_info, "device": str(device),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "compile_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                 "storage": {k: v for k, v in storage(ir).items() if k != "linears"}}
@@ -162,6 +166,20 @@ def _join_ranks() -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _compile_device(device: str) -> torch.device:
+    """The device a compile calibrates on: the CPU, or a GPU (under torchrun, its local rank's)."""
+    d = torch.device(device)
+    if d.type not in ("cpu", "cuda"):
+        raise LowbitError(f"--device {device}: compile runs on cpu or cuda")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LowbitError(f"--device {device}: torch sees no CUDA device")
+        if d.index is None:
+            d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(d)
+    return d
 
 
 def _resume_dir(out: Path, key: dict, rank: int = 0) -> Path:

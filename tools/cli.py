@@ -19,7 +19,8 @@ def cmd_compile(args):
     res = api.compile(args.model, args.recipe, passes=args.passes, calib=args.calib, out=args.out, seed=args.seed,
                       tokenizer=args.tokenizer, force=args.force, dump_ir=args.dump_ir, verify=args.verify,
                       diff=args.diff, provenance=args.provenance, max_memory=args.max_memory,
-                      dump_ir_changed=args.dump_ir_changed, dump_ir_tree=args.dump_ir_tree, repro=args.repro)
+                      dump_ir_changed=args.dump_ir_changed, dump_ir_tree=args.dump_ir_tree, repro=args.repro,
+                      device=args.device)
     man, st = res.manifest, res.manifest["storage"]
     for name, sec in res.seconds:
         print(f"  {sec:8.2f}s  {name}")
@@ -267,6 +268,7 @@ def _add_compile(sub):
     c.add_argument("--repro", metavar="DIR", help="where a failing pass leaves a reproducer (lowbit debug repro DIR); "
                                                    "default with --diff, --verify or --dump-ir: OUT.repro")
     c.add_argument("--max-memory", type=_size, help=_MAX_MEMORY_HELP)
+    c.add_argument("--device", default="cpu", help="where GPTQ calibrates and quantizes: cpu (default) or cuda")
     c.set_defaults(fn=cmd_compile)
 
 

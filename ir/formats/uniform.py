@@ -130,7 +130,7 @@ def fit_groups(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False, grid
     scale, zero = _fit(wg, spec)
     if not clip_search:
         return scale.half().to(dtype), zero
-    best_err = torch.full(scale.shape, math.inf, dtype=dtype)
+    best_err = torch.full_like(scale, math.inf)
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
         s, z = _fit(wg * ratio, spec)
         s = s.half().to(dtype)
@@ -152,7 +152,7 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """W_hat [N, K] from unpacked codes and per-group scale/zero [N, G], in scale's dtype."""
     k = codes.shape[1]
-    g = torch.arange(k) // spec.group_size(k)
+    g = torch.arange(k, device=codes.device) // spec.group_size(k)
     return (codes.to(scale.dtype) - zero[:, g]) * scale[:, g]
 
 
