@@ -16,24 +16,31 @@ from lowbit.ir.formats.uniform import QuantSpec, fit_groups, to_grid
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
-         block: int = 128, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         block: int = 128, clip: bool = False, rounds: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize W [N, K] given H = 2 X^T X / n [K, K]; returns (codes [N, K], scale [N, G], zero [N, G]).
 
     Static groups: scales and zero points come from the original W's groups, so with act_order
     (columns visited by decreasing H diagonal) the stored layout is the plain group layout and
     costs nothing at inference. Dampening adds damp * mean(diag H) to the diagonal. clip: each group's
-    range is the MSE-best shrink of its min/max (as QuaRot's and SpinQuant's GPTQ do). Runs where
-    H is (a GPU's calibration walk leaves it there); the results are on the CPU."""
+    range is the MSE-best shrink of its min/max (as QuaRot's and SpinQuant's GPTQ do). rounds: after
+    the walk, that many rounds of refitting the scales to the codes (`refit_scales`; not for offset
+    "min") and one pass of coordinate descent over the codes (`descend`), both on GPTQ's objective.
+    Runs where H is (a GPU's calibration walk leaves it there); the results are on the CPU."""
     w = w.to(h.device, torch.float64, copy=True)
     w[:, torch.diagonal(h) == 0] = 0                    # inputs that are always zero: free columns
     scale, zero = fit_groups(w, spec, clip)             # static groups, fp16-rounded scales
     g = spec.group_size(w.shape[1])
+    col_group = torch.arange(w.shape[1], device=w.device) // g
 
     def grid(values, col):
         s, z = scale[:, col // g], zero[:, col // g]
         q = to_grid(values, s, z, spec)
         return q, (q - z) * s
-    return gptq_columns(w, h, grid, damp, act_order, block).cpu(), scale.cpu(), zero.cpu()
+    codes = gptq_columns(w, h, grid, damp, act_order, block)
+    for _ in range(rounds):
+        scale = refit_scales(w, h, codes, scale, zero, col_group, damp) if spec.offset != "min" else scale
+        codes = descend(w, h, codes, (codes - zero[:, col_group]) * scale[:, col_group], grid, damp, block)
+    return codes.cpu(), scale.cpu(), zero.cpu()
 
 
 def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act_order: bool = True,
@@ -66,6 +73,64 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out
+
+
+def _dampened(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """H as GPTQ's walk sees it: inputs that are always zero given a unit diagonal, then damp *
+    mean(diag H) added to the diagonal."""
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    return h
+
+
+def refit_scales(w, h, codes, scale, zero, col_group, damp: float = 0.01) -> torch.Tensor:
+    """Each row's group scales that minimize GPTQ's objective tr((W - W_hat) H (W - W_hat)^T) for
+    the codes and zero points as they are (a least-squares problem of one unknown per group,
+    coupled through H), rounded to fp16 as stored. A group whose new scale is not finite or
+    changes sign keeps its old one."""
+    h = _dampened(h, damp)
+    e = codes.to(h.dtype) - zero[:, col_group]   # W_hat = e * scale, per group
+    n, groups = scale.shape
+    a = torch.zeros(n, groups, groups, dtype=h.dtype, device=h.device)
+    for g in range(groups):
+        cols = col_group == g
+        a[:, g] = torch.zeros(n, groups, dtype=h.dtype, device=h.device).index_add_(
+            1, col_group, (e[:, cols] @ h[cols]) * e)
+    b = torch.zeros(n, groups, dtype=h.dtype, device=h.device).index_add_(1, col_group, (w @ h) * e)
+    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+    new = torch.linalg.solve(a + ridge[:, None, None] * torch.eye(groups, dtype=h.dtype, device=h.device),
+                             b[..., None])[..., 0].half().to(scale.dtype)
+    ok = torch.isfinite(new) & (new * scale > 0)
+    return torch.where(ok, new, scale)
+
+
+def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.Tensor, grid, damp: float = 0.01,
+            block: int = 128) -> torch.Tensor:
+    """One pass of coordinate descent on GPTQ's objective tr((W - W_hat) H (W - W_hat)^T) (H
+    dampened as the walk's) from `codes` (dequantized: `w_hat`): each column in turn takes, row by
+    row, the grid point nearest its best value with every other column fixed, W_hat + R / H_jj with
+    R = (W - W_hat) H. That point is the exact minimizer over the grid, so the pass never
+    increases the objective (QuantEase, Behdin et al., 2023). R is kept up to date per block of
+    columns, as GPTQ's walk keeps its error. Returns the new codes."""
+    n, k = w.shape
+    h = _dampened(h, damp)
+    w_hat, codes = w_hat.clone(), codes.clone()
+    r = (w - w_hat) @ h
+    diag = torch.diagonal(h).tolist()
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        rb, delta = r[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
+        for j in range(i1, i2):
+            q, deq = grid(w_hat[:, j] + rb[:, j - i1] / diag[j], j)
+            d = deq - w_hat[:, j]
+            codes[:, j], w_hat[:, j], delta[:, j - i1] = q.to(codes.dtype), deq, d
+            rb -= d[:, None] * h[j, i1:i2][None, :]
+        r[:, :i1] -= delta @ h[i1:i2, :i1]
+        r[:, i2:] -= delta @ h[i1:i2, i2:]
+        r[:, i1:i2] = rb
+    return codes
 
 
 @dataclass

@@ -55,9 +55,11 @@ class ColumnWalk(Scheme):
 
 @dataclass(frozen=True)
 class GPTQ(ColumnWalk):
-    """GPTQ's column walk with error feedback through the inverse Hessian, static groups."""
+    """GPTQ's column walk with error feedback through the inverse Hessian, static groups; then
+    `refine` rounds of scales refitted to the codes and coordinate descent over the codes."""
     spec: QuantSpec
     clip: bool = False
+    refine: int = 0
     hessian: ClassVar[bool] = True
 
 
@@ -120,7 +122,7 @@ def _rtn(s: RTN, w, h, sens) -> Packed:
 def _gptq(s: GPTQ, w, h, sens) -> Packed:
     if h is None:   # no calibration row reached it (an expert no token was routed to)
         return _rtn(RTN(s.spec, s.clip), w, h, sens)
-    return uniform.packed(*gptq(w, h, s.spec, s.damp, s.act_order, clip=s.clip), s.spec)
+    return uniform.packed(*gptq(w, h, s.spec, s.damp, s.act_order, clip=s.clip, rounds=s.refine), s.spec)
 
 
 @quantizer(FineQuant)
@@ -176,7 +178,7 @@ def finequant_group(w: torch.Tensor, bits: int, min_group: int) -> int:
 
 
 SCHEMES = {"rtn": lambda c: RTN(c.spec(), c.clip),
-           "gptq": lambda c: GPTQ(c.spec(), c.clip, damp=c.damp, act_order=c.act_order),
+           "gptq": lambda c: GPTQ(c.spec(), c.clip, c.refine, damp=c.damp, act_order=c.act_order),
            "finequant": lambda c: FineQuant(c.bits, c.group),
            "squeezellm": lambda c: SqueezeLLM(c.bits, c.gptq, damp=c.damp, act_order=c.act_order)}
 
@@ -206,6 +208,7 @@ class QuantizeWeights(Pass):
         sequential: bool = True
         samples: int = 64       # calibration windows (gptq: Hessians; squeezellm: Fisher information)
         gptq: bool = False      # squeezellm: pick codes from the tables with GPTQ's error feedback
+        refine: int = 0         # gptq: rounds of scales refitted to the codes, then codes by coordinate descent
         # mixed precision (rtn, gptq): the linears where more bits pay most (measured sensitivity per extra
         # byte, passes/sensitivity.py) get `promote` bits, as many as fit within `max_bpw` bits per weight
         promote: int = 0
@@ -218,6 +221,8 @@ class QuantizeWeights(Pass):
             self.spec()
             if self.offset != "zero" and self.method not in ("rtn", "gptq"):
                 raise ValueError(f"offset={self.offset} is a rtn/gptq grid; {self.method} stores its own")
+            if self.refine and self.method != "gptq":
+                raise ValueError(f"refine={self.refine} refines gptq's codes; {self.method} has none to refine")
             if self.clip and self.method not in ("rtn", "gptq"):
                 raise ValueError(f"clip=true searches rtn/gptq group ranges; {self.method} fits its own")
             if self.method == "finequant" and self.bits not in (4, 8):

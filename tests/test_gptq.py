@@ -52,6 +52,42 @@ def test_gptq_clip_searches_the_static_group_ranges():
     assert err[True] < 0.95 * err[False]    # measured 0.89 (0.88-0.94 over seeds)
 
 
+@pytest.mark.parametrize("bits,group,sym,offset", [(4, 32, False, "zero"), (3, -1, False, "zero"), (4, 16, True, "signed"),
+                                                   (4, 40, True, "zero")])
+def test_gptq_refine_lowers_its_objective_round_by_round(bits, group, sym, offset):
+    """refine: each round (scales refitted to the codes, then one pass of coordinate descent over
+    the codes) lowers GPTQ's own objective tr(dW H dW^T); the first round by a clear margin."""
+    from lowbit.passes.gptq import _dampened, descend
+    _, w, h = _layer()
+    spec = QuantSpec(bits, group, sym, offset)
+    hd = _dampened(h, 0.01)
+    err = []
+    for rounds in range(4):
+        codes, scale, zero = gptq(w, h, spec, clip=True, rounds=rounds)
+        assert codes.min() >= 0 and codes.max() < 2 ** bits
+        dw = dequantize_codes(codes, scale, zero, spec) - w
+        err.append((dw @ hd * dw).sum().item())
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(err, err[1:]))   # fp16-rounded scales may tie
+    assert err[1] < 0.98 * err[0]   # measured 0.89-0.97 on these layers (per channel: 0.971)
+    # coordinate descent alone, from round-to-nearest codes: never worse, column by column optimal
+    s, z = fit_groups(w, spec)
+    rtn = quantize(w, s, z, spec)
+    g = torch.arange(w.shape[1]) // spec.group_size(w.shape[1])
+    from lowbit.ir.formats.uniform import to_grid
+
+    def grid(v, col):
+        q = to_grid(v, s[:, g[col]], z[:, g[col]], spec)
+        return q, (q - z[:, g[col]]) * s[:, g[col]]
+    obj = lambda c: ((d := dequantize_codes(c, s, z, spec) - w) @ hd * d).sum().item()   # noqa: E731
+    once = descend(w, h, rtn, dequantize_codes(rtn, s, z, spec), grid)
+    assert obj(once) < 0.8 * obj(rtn)
+
+
+def test_refine_is_for_gptq():
+    with pytest.raises(PipelineError, match="refine=2 refines gptq's codes; rtn has none to refine"):
+        PassManager("quantize-weights{method=rtn,refine=2}")
+
+
 def test_gptq_pass_beats_rtn_on_stories(stories_ir):
     need_data("tinystories", "train-head.txt")
     tok = stories_ir.tokenizer
