@@ -87,13 +87,14 @@ RECIPES: dict[str, tuple[str, str]] = {
                         "linear's output error, recorded inputs), then int4 GPTQ weights (MSE-clipped group ranges) "
                         "calibrated on the 4-bit inputs (needs --calib)"),
     "frontier-w4": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
-                    "quantize-weights{method=gptq,bits=4,group=128,sym=false,clip=true,promote=5,max_bpw=4.25}",
-                    "the best recipe at 4.25 bits per weight: random Hadamard rotations, GPTQ with clipped group ranges, "
-                    "4 bits with 5 for the linears where the measured sensitivity per extra byte is highest, as many as "
-                    "fit in 4.25 bits per weight (needs --calib)"),
+                    "quantize-weights{method=gptq,bits=4,group=128,sym=false,clip=true,refine=2,promote=5,max_bpw=4.25}",
+                    "the best recipe at 4.25 bits per weight: random Hadamard rotations, GPTQ with clipped group ranges "
+                    "and refined scales and codes, 4 bits with 5 for the linears where the measured sensitivity per "
+                    "extra byte is highest, as many as fit in 4.25 bits per weight (needs --calib)"),
     "frontier-w3.5": ("fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
-                      "quantize-weights{method=gptq,bits=3,group=128,sym=false,clip=true,promote=4,max_bpw=3.5}",
-                      "the best recipe at 3.5 bits per weight: random Hadamard rotations, GPTQ with clipped group ranges, "
+                      "quantize-weights{method=gptq,bits=3,group=128,sym=false,clip=true,refine=2,promote=4,max_bpw=3.5}",
+                      "the best recipe at 3.5 bits per weight: random Hadamard rotations, GPTQ with clipped group ranges "
+                      "and refined scales and codes, "
                       "3 bits with 4 for the linears where the measured sensitivity per extra byte is highest, as many as "
                       "fit in 3.5 bits per weight (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
