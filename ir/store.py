@@ -124,6 +124,12 @@ _FACTORIES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.
               torch.ops.aten.scalar_tensor.default, torch.ops.aten.empty.memory_format}
 
 
+def makes_tensor(n: fx.Node) -> bool:
+    """Whether a node makes a tensor on a device of its own (a factory, or any op given a device):
+    captured on the CPU, it is made on the CPU unless its device is set."""
+    return n.op == "call_function" and ("device" in n.kwargs or n.target in _FACTORIES)
+
+
 class OnDemand(fx.Interpreter):
     """Runs an IR's graph node by node, reading each stored tensor when a node uses it and dropping
     it after that node: memory holds the live activations and one node's weights. On another
@@ -149,7 +155,7 @@ class OnDemand(fx.Interpreter):
         args, kwargs = super().fetch_args_kwargs_from_env(n)
         read = lambda a: self.read(a.target) if isinstance(a, _Deferred) else a   # noqa: E731
         args, kwargs = fx.node.map_aggregate(args, read), fx.node.map_aggregate(kwargs, read)
-        if self.device is not None and n.op == "call_function" and ("device" in kwargs or n.target in _FACTORIES):
+        if self.device is not None and makes_tensor(n):
             kwargs = {**kwargs, "device": self.device}
         return args, kwargs
 

@@ -12,7 +12,7 @@ from lowbit.ir.formats import Packed
 from lowbit.ir.store import OnDemand
 
 from .base import all_sum, my_share
-from lowbit.ir.formats.uniform import QuantSpec, fit_groups, to_grid
+from lowbit.ir.formats.uniform import QuantSpec, dequantize_codes, fit_groups, to_grid
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
@@ -37,9 +37,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
         q = to_grid(values, s, z, spec)
         return q, (q - z) * s
     codes = gptq_columns(w, h, grid, damp, act_order, block)
+    hd = _dampened(h, damp) if rounds else None
     for _ in range(rounds):
-        scale = refit_scales(w, h, codes, scale, zero, col_group, damp) if spec.offset != "min" else scale
-        codes = descend(w, h, codes, (codes - zero[:, col_group]) * scale[:, col_group], grid, damp, block)
+        scale = refit_scales(w, hd, codes, scale, zero, col_group) if spec.offset != "min" else scale
+        codes = descend(w, hd, codes, dequantize_codes(codes, scale, zero, spec), grid, block)
     return codes.cpu(), scale.cpu(), zero.cpu()
 
 
@@ -85,12 +86,11 @@ def _dampened(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def refit_scales(w, h, codes, scale, zero, col_group, damp: float = 0.01) -> torch.Tensor:
-    """Each row's group scales that minimize GPTQ's objective tr((W - W_hat) H (W - W_hat)^T) for
-    the codes and zero points as they are (a least-squares problem of one unknown per group,
-    coupled through H), rounded to fp16 as stored. A group whose new scale is not finite or
-    changes sign keeps its old one."""
-    h = _dampened(h, damp)
+def refit_scales(w, h, codes, scale, zero, col_group) -> torch.Tensor:
+    """Each row's group scales that minimize GPTQ's objective tr((W - W_hat) H (W - W_hat)^T) (H
+    dampened: `_dampened`) for the codes and zero points as they are (a least-squares problem of
+    one unknown per group, coupled through H), rounded to fp16 as stored. A group whose new scale
+    is not finite or changes sign keeps its old one."""
     e = codes.to(h.dtype) - zero[:, col_group]   # W_hat = e * scale, per group
     n, groups = scale.shape
     a = torch.zeros(n, groups, groups, dtype=h.dtype, device=h.device)
@@ -106,16 +106,15 @@ def refit_scales(w, h, codes, scale, zero, col_group, damp: float = 0.01) -> tor
     return torch.where(ok, new, scale)
 
 
-def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.Tensor, grid, damp: float = 0.01,
+def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.Tensor, grid,
             block: int = 128) -> torch.Tensor:
     """One pass of coordinate descent on GPTQ's objective tr((W - W_hat) H (W - W_hat)^T) (H
-    dampened as the walk's) from `codes` (dequantized: `w_hat`): each column in turn takes, row by
+    dampened as the walk's: `_dampened`) from `codes` (dequantized: `w_hat`): each column in turn takes, row by
     row, the grid point nearest its best value with every other column fixed, W_hat + R / H_jj with
     R = (W - W_hat) H. That point is the exact minimizer over the grid, so the pass never
     increases the objective (QuantEase, Behdin et al., 2023). R is kept up to date per block of
     columns, as GPTQ's walk keeps its error. Returns the new codes."""
     n, k = w.shape
-    h = _dampened(h, damp)
     w_hat, codes = w_hat.clone(), codes.clone()
     r = (w - w_hat) @ h
     diag = torch.diagonal(h).tolist()

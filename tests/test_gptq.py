@@ -79,7 +79,7 @@ def test_gptq_refine_lowers_its_objective_round_by_round(bits, group, sym, offse
         q = to_grid(v, s[:, g[col]], z[:, g[col]], spec)
         return q, (q - z[:, g[col]]) * s[:, g[col]]
     obj = lambda c: ((d := dequantize_codes(c, s, z, spec) - w) @ hd * d).sum().item()   # noqa: E731
-    once = descend(w, h, rtn, dequantize_codes(rtn, s, z, spec), grid)
+    once = descend(w, hd, rtn, dequantize_codes(rtn, s, z, spec), grid)
     assert obj(once) < 0.8 * obj(rtn)
 
 

@@ -45,11 +45,9 @@ def on_device(ir, device, lower: bool | None = None) -> tuple[torch.fx.GraphModu
         torch_ops.register()
         fused = torch_ops.fuse_sparse(ir.graph)
     if device.type != "cpu":   # tensor factories (the decoder's mask arange, ...) default to the CPU
-        aten = torch.ops.aten
-        factories = (aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
-                     aten.ones.default, aten.zeros.default, aten.scalar_tensor.default, aten.empty.memory_format)
+        from lowbit.ir.store import makes_tensor
         for n in ir.graph.nodes:
-            if n.op == "call_function" and ("device" in n.kwargs or n.target in factories):
+            if makes_tensor(n):
                 n.kwargs = {**n.kwargs, "device": device}
         ir.changed()
     with torch.no_grad():
