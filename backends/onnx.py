@@ -95,8 +95,11 @@ def _hadamard(x):
 
 
 def _rotate_kron(x, a, b):
-    """lowbit.rotate_kron in standard ops: A^T X B on x reshaped to [-1, p, q]."""
+    """lowbit.rotate_kron in standard ops: A^T X B on x reshaped to [-1, p, q]; X A times B where B
+    is 1 x 1 (a dense matrix)."""
     from onnxscript import opset23 as op
+    if b.shape[0] == 1:
+        return op.Mul(op.MatMul(x, a), op.Reshape(b, _const(np.array([1], np.int64))))
     y = op.MatMul(op.Reshape(x, _const(np.array([-1, a.shape[0], b.shape[0]], np.int64))), b)
     return op.Reshape(op.MatMul(op.Transpose(a, perm=[1, 0]), y), op.Shape(x))
 

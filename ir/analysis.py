@@ -16,7 +16,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import experts, formats, meta, quant
+from . import experts, formats, hadamard, meta, quant
 from .errors import StructureError
 
 aten = torch.ops.aten
@@ -337,11 +337,12 @@ def _find_readers(norm: Norm, linears: dict[str, Linear]):
     """The linears reading a norm's output (its consumers), and every other user. Looked through
     between a norm and its linears: an activation quantizer, views that keep the last dim and row
     gathers (an MoE's tokens routed to experts): they regroup rows, and a per-channel scale or a
-    rotation of the last dim commutes with them."""
+    rotation of the last dim commutes with them; and shape-noise's online matrix (lowbit.rotate_kron),
+    which comes after every pass that moves a scale or a rotation through a norm."""
     width = (node_shape(norm.output) or (0,))[-1]
 
     def regroups(u, x):
-        return u.args[0] is x and (_is(u, quant.quantize_tokens._opoverload) or (
+        return u.args[0] is x and (_is(u, quant.quantize_tokens._opoverload, hadamard.rotate_kron._opoverload) or (
             _is(u, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
             and (node_shape(u) or (None,))[-1] == width)
             or _is(u, aten.index.Tensor) and len(u.args[1]) == 1 and len(node_shape(x) or ()) == 2)

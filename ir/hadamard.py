@@ -221,7 +221,10 @@ hadamard.register_autograd(_backward, setup_context=_setup)
 
 def kron_rotate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x @ (A kron B) along the last dim (inverse: x @ (A kron B)^T), computed as A^T X B (A X B^T)
-    on x viewed as [..., p, q]: p q (p + q) work per row, not n^2. Differentiable in A and B."""
+    on x viewed as [..., p, q]: p q (p + q) work per row, not n^2. Differentiable in A and B.
+    With B 1 x 1, A is a dense matrix: one product."""
+    if len(b) == 1:
+        return (x @ a.T if inverse else x @ a) * b[0, 0]
     y = x.unflatten(-1, (len(a), len(b)))
     y = a @ y @ b.T if inverse else a.T @ y @ b
     return y.flatten(-2)

@@ -28,7 +28,7 @@ class LowerKernels(Pass):
     name = "lower-kernels"
     applications = "each weight-format node, by its node name"
     after = ("fold-norms", "learn-rotations", "fuse-rotations", "insert-hadamard", "split-outliers",
-             "quantize-weights", "quantize-activations", "quantize-kv", "scale-channels")
+             "quantize-weights", "quantize-activations", "quantize-kv", "scale-channels", "shape-noise")
 
     @dataclass(frozen=True)
     class Config:

@@ -46,7 +46,7 @@ class QuantizeActivations(Pass):
     """Per-token dynamic quantization of every linear's input (after any online Hadamard), lm_head excepted."""
     name = "quantize-activations"
     applications = "each linear whose input it quantizes, by its path"
-    after = ("fuse-rotations", "insert-hadamard", "scale-channels")
+    after = ("fuse-rotations", "insert-hadamard", "scale-channels", "shape-noise")
 
     @dataclass(frozen=True)
     class Config:
@@ -96,7 +96,7 @@ class QuantizeKV(Pass):
     """Quantize keys (after RoPE and any R3 Hadamard) and values per token and head group, as a quantized KV cache stores them."""
     name = "quantize-kv"
     applications = "`KV layer 0`, `KV layer 1`, ... (each attention's keys and values)"
-    after = ("fuse-rotations", "insert-hadamard", "scale-channels")
+    after = ("fuse-rotations", "insert-hadamard", "scale-channels", "shape-noise")
 
     @dataclass(frozen=True)
     class Config:

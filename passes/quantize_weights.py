@@ -188,7 +188,7 @@ class QuantizeWeights(Pass):
     """Quantize linear weights to packed storage: rtn, gptq, finequant (adaptive group size) or squeezellm (per-row lookup tables)."""
     name = "quantize-weights"
     applications = "each linear not quantized yet, by its path (`layers.3.mlp.down_proj`, `lm_head`)"
-    after = ("fuse-rotations", "insert-hadamard", "split-outliers", "learn-rotations", "scale-channels")
+    after = ("fuse-rotations", "insert-hadamard", "split-outliers", "learn-rotations", "scale-channels", "shape-noise")
 
     @dataclass(frozen=True)
     class Config:

@@ -99,7 +99,9 @@ RECIPES: dict[str, tuple[str, str]] = {
                       "fit in 3.5 bits per weight (needs --calib)"),
     "fp": ("fold-norms", "no quantization: norms folded only (an exact baseline)"),
 }
-RECIPES["frontier-w4a4kv4"] = (RECIPES["w4a4kv4-learned"][0],
-                                "the best recipe at W4A4KV4: w4a4kv4-learned (needs --calib)")
+RECIPES["frontier-w4a4kv4"] = (RECIPES["w4a4kv4-learned"][0].replace("insert-hadamard{kind=learned},",
+                                                                       "insert-hadamard{kind=learned},shape-noise,"),
+                                "the best recipe at W4A4KV4: w4a4kv4-learned with online matrices that shape the 4-bit "
+                                "noise on each branch's input and on the keys (shape-noise) (needs --calib)")
 
 DEFAULT_RECIPE = "w4-rtn"

@@ -16,7 +16,7 @@ class SplitOutliers(Pass):
     """Dense-and-sparse (SqueezeLLM): move each linear's most sensitive and largest weights to a CSR matrix (fp16 values)."""
     name = "split-outliers"
     applications = "each linear, by its path (`layers.3.mlp.down_proj`)"
-    after = ("fuse-rotations", "insert-hadamard", "scale-channels")
+    after = ("fuse-rotations", "insert-hadamard", "scale-channels", "shape-noise")
 
     @dataclass(frozen=True)
     class Config:
