@@ -56,11 +56,12 @@ def shaping(c: torch.Tensor, g: torch.Tensor, ridge: float, power: float = 1.0) 
     return t, ti, ratio
 
 
-def measured_error(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, quant) -> tuple[float, float]:
-    """(sum over rows of e G e^T, sum of x G x^T) for e = quant(x M) M^-1 - x (M None: x as it is),
-    summed over the compile's processes."""
+def measured_error(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, mi: torch.Tensor | None,
+                   quant) -> tuple[float, float]:
+    """(sum over rows of e G e^T, sum of x G x^T) for e = quant(x M) M^-1 - x, given M and M^-T
+    (None: x as it is), summed over the compile's processes."""
     z = quant(x if m is None else x @ m)
-    e = (z if m is None else z @ torch.linalg.inv(m)) - x
+    e = (z if m is None else z @ mi.T) - x
     out = torch.stack([((e @ g) * e).sum(), ((x @ g) * x).sum()])
     return tuple(all_sum(out).tolist())
 
@@ -193,7 +194,6 @@ class ShapeNoise(Pass):
                 rec.run(win)
         moments = rec.moments()
         act, kv = ((ctx.later.get(cls) or [None])[0] for cls in (QuantizeActivations, QuantizeKV))
-        ir.set_tensor(_PREFIX + "one", torch.ones(1, 1))
         chosen = {}
         for name, (x, readers) in branches.items():
             ws = [ir.tensor(lin.weight).double() for lin in readers]
@@ -230,7 +230,7 @@ class ShapeNoise(Pass):
         if quant is None:
             return (*options[1.0][:2], {"power": 1.0, "noise_ratio": round(options[1.0][2], 4)})
         x = sample.double()
-        errs = {p: measured_error(x, g, m, quant) for p, (m, _, _) in options.items()}
+        errs = {p: measured_error(x, g, m, mi, quant) for p, (m, mi, _) in options.items()}
         errs = {p: e / base for p, (e, base) in errs.items()}
         p = min(errs, key=errs.get)
         return (*options[p][:2], {"power": p, "noise_ratio": round(options[p][2], 4),
@@ -241,6 +241,7 @@ class ShapeNoise(Pass):
         """x M (lowbit.rotate_kron with A = M), read by `users` (None: every user of x)."""
         target = _PREFIX + name.replace(" ", "_").replace(".", "_")
         ir.set_tensor(target, m.float())
+        ir.set_tensor(_PREFIX + "one", torch.ones(1, 1))
         h = ir.insert(_KRON, (x,), after=x, swap=(x, users))
         h.args = (x, ir.get_attr(target, h), ir.get_attr(_PREFIX + "one", h))
         h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
