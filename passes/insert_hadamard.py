@@ -71,12 +71,12 @@ class InsertHadamard(Pass):
                     targets = [down.weight.rpartition(".")[0] + t for t in (".r4_a", ".r4_b")]
                     for t, f in zip(targets, (a, b)):
                         ir.set_tensor(t, f.float())
-                    h = self._insert_after(ir, x, down.node, _KRON, targets)
+                    h = self._insert_after(ir, x, [down.node], _KRON, targets)
                     q, what = torch.kron(a, b), "R4 in (online learned Kronecker rotation)"
                 else:
                     if not supported(n):
                         raise PassFailure(f"no Hadamard transform of order {n} for '{down.name}'s input", down.node)
-                    h = self._insert_after(ir, x, only_user=down.node)
+                    h = self._insert_after(ir, x, users=[down.node])
                     q, what = hadamard_matrix(n) / n ** 0.5, "R4 in (online Hadamard)"
                 # rewrite: down(x) -> down'(x Q) with down' = W Q, Q orthogonal
                 ir.set_tensor(down.weight, (ir.tensor(down.weight).double() @ q).float())
@@ -113,8 +113,8 @@ class InsertHadamard(Pass):
         return PassResult(True, {"r3": r3, "r4": r4})
 
     @staticmethod
-    def _insert_after(ir, x, only_user=None, op=_OP, tensors=()):
-        """op(x, *tensors) after x, read by `only_user` or by every user of x."""
-        h = ir.insert(op, (x,), after=x, swap=(x, None if only_user is None else [only_user]))
+    def _insert_after(ir, x, users=None, op=_OP, tensors=()):
+        """op(x, *tensors) after x, read by `users` (None: every user of x)."""
+        h = ir.insert(op, (x,), after=x, swap=(x, users))
         h.args = (x, *[ir.get_attr(t, h) for t in tensors])
         return h

@@ -27,6 +27,7 @@ from lowbit.ir.quant import quantize_tokens
 from lowbit.ir.store import OnDemand
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, all_sum, my_share, register
+from .insert_hadamard import InsertHadamard
 from .quantize_activations import QuantizeActivations, QuantizeKV
 
 _KRON = rotate_kron._opoverload
@@ -197,7 +198,7 @@ class ShapeNoise(Pass):
         chosen = {}
         for name, (x, readers) in branches.items():
             ws = [ir.tensor(lin.weight).double() for lin in readers]
-            g = sum(w.reshape(-1, w.shape[-1]).T @ w.reshape(-1, w.shape[-1]) for w in ws)
+            g = sum(w.T @ w for w in ws)   # expert stacks are skipped: every weight is [N, K]
             m, mi, chosen[name] = self._choose(moments[x], g, rec.sample[x], _quantizer(act))
             if m is None:
                 continue
@@ -242,6 +243,5 @@ class ShapeNoise(Pass):
         target = _PREFIX + name.replace(" ", "_").replace(".", "_")
         ir.set_tensor(target, m.float())
         ir.set_tensor(_PREFIX + "one", torch.ones(1, 1))
-        h = ir.insert(_KRON, (x,), after=x, swap=(x, users))
-        h.args = (x, ir.get_attr(target, h), ir.get_attr(_PREFIX + "one", h))
+        h = InsertHadamard._insert_after(ir, x, users, _KRON, [target, _PREFIX + "one"])
         h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
