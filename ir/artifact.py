@@ -219,10 +219,12 @@ def _partial_prefix(target: Path) -> str:
     return f".{target.name}.partial-"
 
 
-def _remove_stale_partials(target: Path):
-    """Partial directories beside `target` whose writing process is gone (killed with kill -9)."""
-    for p in target.parent.glob(_partial_prefix(target) + "*"):
-        pid = p.name[len(_partial_prefix(target)):].split("-")[0]
+def scratch_dir(prefix: str, directory=None) -> Path:
+    """A fresh directory `prefix<pid>-...` in `directory` (default: the temporary directory), made
+    after removing those of the same prefix whose process is gone (killed with kill -9)."""
+    directory = Path(directory or tempfile.gettempdir())
+    for p in directory.glob(prefix + "*"):
+        pid = p.name[len(prefix):].split("-")[0]
         if not pid.isdigit():
             continue
         try:
@@ -231,6 +233,7 @@ def _remove_stale_partials(target: Path):
             shutil.rmtree(p, ignore_errors=True)
         except PermissionError:   # alive, another user's
             pass
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=directory))
 
 
 @contextlib.contextmanager
@@ -241,8 +244,7 @@ def atomic_dir(target: Path):
     if target.exists() and not target.is_dir():
         raise LowbitError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(target)}{os.getpid()}-", dir=target.parent))
+    tmp = scratch_dir(_partial_prefix(target), target.parent)
     try:
         yield tmp
         for p in [tmp, *tmp.rglob("*")]:   # mkdtemp makes 0700; this is ordinary data

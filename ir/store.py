@@ -4,7 +4,7 @@ A checkpoint too large to hold is captured without its weights (ir/load.py): eac
 is then a `Stored` entry, a placeholder on the meta device in the module and the name of its
 safetensors file. `IR.tensor` reads it whole, in the dtype the whole-model path would hold, every
 time it is asked (nothing is cached), and the caller frees it. What passes write stays in memory
-up to a budget; past it the `Spill` moves the written tensors into a safetensors file of its own
+up to a budget; past it the `Spill` moves the written tensors into safetensors files (one each) in its own
 directory and they become `Stored` entries too. `OnDemand` runs the graph node by node, reading a
 stored tensor only when a node uses it, so a forward pass holds the live activations and the
 weights of one node."""
@@ -78,14 +78,15 @@ class Stored:
 
 class Spill:
     """Where the tensors passes write go once more than `budget` bytes of them are in memory: a
-    safetensors file per flush in `directory`, deleted when none of its tensors is live any more."""
+    safetensors file per tensor in `directory`, deleted when the tensor is replaced or dropped (so
+    the disk holds the live tensors only; a file of many would stay while any of them lives)."""
 
     def __init__(self, directory: Path, budget: int):
         self.dir, self.budget = Path(directory), budget
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, int] = {}   # target -> bytes, written since the last flush
-        self.live: Counter[str] = Counter()  # spill file -> how many IR tensors it still holds
-        self._names = (f"spill-{os.getpid()}-{i:05d}.safetensors" for i in itertools.count())
+        self.files: set[str] = set()         # the spill files of live IR tensors
+        self._names = (f"spill-{os.getpid()}-{i:06d}.safetensors" for i in itertools.count())
 
     def wrote(self, ir, target: str, t: torch.Tensor):
         self.pending[target] = t.numel() * t.element_size()
@@ -94,21 +95,16 @@ class Spill:
 
     def forget(self, target: str, old: Stored | None):
         self.pending.pop(target, None)
-        if old is not None and old.file in self.live:
-            self.live[old.file] -= 1
-            if self.live[old.file] == 0:
-                del self.live[old.file]
-                Path(old.file).unlink(missing_ok=True)
+        if old is not None and old.file in self.files:
+            self.files.discard(old.file)
+            Path(old.file).unlink(missing_ok=True)
 
     def flush(self, ir):
-        if not self.pending:
-            return
-        file = str(self.dir / next(self._names))
-        save_file(unshared({t: ir.tensor(t) for t in self.pending}), file)
         for target in list(self.pending):
-            t = ir.tensor(target)
+            t, file = ir.tensor(target), str(self.dir / next(self._names))
+            save_file({target: t.contiguous()}, file)
             ir.set_tensor(target, Stored(file, target, tuple(t.shape), t.dtype))
-            self.live[file] += 1
+            self.files.add(file)
 
 
 class _Deferred:
@@ -158,6 +154,45 @@ class OnDemand(fx.Interpreter):
         if self.device is not None and makes_tensor(n):
             kwargs = {**kwargs, "device": self.device}
         return args, kwargs
+
+
+class Segments:
+    """An IR's graph cut at the residual stream's values (the analysis' `stream`), to run one block at a
+    time: segment k ends at stream[k] and computes it from stream[k-1] and from values made before it
+    (positions, masks, RoPE tables); the last one is the head. `later[v]`: the segments after v's own
+    that read v (the values a segment hands on)."""
+
+    def __init__(self, ir):
+        from bisect import bisect_left
+        self.ir, self.stream = ir, ir.analysis.stream
+        order = {n: i for i, n in enumerate(ir.graph.nodes)}
+        bounds = [order[v] for v in self.stream]
+        self.segments: list[list[fx.Node]] = [[] for _ in range(len(bounds) + 1)]
+        self.seg: dict[fx.Node, int] = {}
+        for n in ir.graph.nodes:
+            if n.op != "get_attr":   # tensors are read when a node uses them
+                self.seg[n] = bisect_left(bounds, order[n])
+                self.segments[self.seg[n]].append(n)
+        self.later: dict[fx.Node, set[int]] = {}
+        for n, k in self.seg.items():
+            for a in n.all_input_nodes:
+                if a in self.seg and self.seg[a] < k:
+                    self.later.setdefault(a, set()).add(k)
+        self.start = next(n for n in ir.graph.nodes if n.op == "placeholder")
+
+    def run(self, k: int, env: dict, value: Callable | None = None):
+        """Run segment k's nodes over env (values of earlier nodes); a tensor a node uses is read
+        from the IR, or is `value(get_attr node)` when given."""
+        value = value or (lambda a: env[a] if a.op != "get_attr" else self.ir.tensor(a.target))
+        for n in self.segments[k]:
+            if n.op == "placeholder":
+                continue
+            args, kwargs = fx.node.map_arg(n.args, value), fx.node.map_arg(n.kwargs, value)
+            env[n] = args[0] if n.op == "output" else n.target(*args, **kwargs)
+
+    def handed_on(self, k: int, env: dict) -> dict:
+        """The values of env that a segment after k still reads."""
+        return {v: x for v, x in env.items() if max(self.later.get(v, ()), default=-1) > k}
 
 
 class Checkpoint:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lowbit.ir.artifact import scratch_dir
 from lowbit.ir.formats.uniform import fake_quantize
 from lowbit.ir.hadamard import hadamard_matrix, kron_hadamard, kron_rotate, random_hadamard, random_orthogonal, supported
 from lowbit.ir.load import heap_temporaries
@@ -236,14 +237,17 @@ class LearnRotations(Pass):
                               next(b.post_norm.output for b in s.blocks if b.post_norm is not None))
         r1, r2s, r4s, r3s = self._starts(ir, s, fuse.r2, online_learned and r4, online_learned and h.r3)
         smooth = {}   # extra-tensor key -> log-scale, learned by Adam beside the rotations
-        with tempfile.TemporaryDirectory(prefix="lowbit-learn-") as scratch:
+        scratch = scratch_dir("lowbit-learn-")   # the recorded values (a killed compile's are removed)
+        try:
             if c.loss == "local":
-                parts, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, Path(scratch))
+                parts, batch_at, under = self._local(ir, s, ctx, seqs, r1, r2s, r4s, smooth, r3s, scratch)
             else:
                 parts, batch_at, under = self._end_to_end(ir, s, ctx, seqs, r1, r2s,
                                                             ctx.following(QuantizeWeights)[0], r4)
             learned = [r1, *r2s, *[f for ab in r4s for f in ab], *r3s]
             stats = self._optimize(parts, batch_at, learned, smooth, ctx.progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         ir.extra_tensors[LEARNED_R1] = r1.detach().double()
         for i, r in enumerate(r2s):
             ir.extra_tensors[learned_r2(i)] = r.detach().double()

@@ -83,40 +83,23 @@ class _Blocks:
     Memory: one block's weights and activations, and one sequence's stream values."""
 
     def __init__(self, ir, weights: set[str]):
-        from bisect import bisect_left
-
         from lowbit.ir.graph import upstream
-        self.ir, self.weights = ir, weights
-        s = ir.analysis
-        order = {n: i for i, n in enumerate(ir.graph.nodes)}
-        self.stream = s.stream
-        bounds = [order[v] for v in s.stream]
-        self.segments: list[list] = [[] for _ in range(len(bounds) + 1)]
-        seg = {}
-        for n in ir.graph.nodes:
-            if n.op != "get_attr":   # tensors are read when a node uses them
-                seg[n] = bisect_left(bounds, order[n])
-                self.segments[seg[n]].append(n)
+        from lowbit.ir.store import Segments
+        self.ir, self.weights, self.cut = ir, weights, Segments(ir)
+        self.stream, self.segments = self.cut.stream, self.cut.segments
         # values a later block reads: each stream value by the next block only, and values no weight
         # changes (else refused by name: the gradient would not reach them)
-        later = {}
-        for n in seg:
-            for a in n.all_input_nodes:
-                if a in seg and seg[a] < seg[n]:
-                    later.setdefault(a, set()).add(seg[n])
-        self.carried = set(later)
-        for v, used in later.items():
-            if v in s.stream and used == {seg[v] + 1}:
+        self.carried = set(self.cut.later)
+        for v, used in self.cut.later.items():
+            if v in self.stream and used == {self.cut.seg[v] + 1}:
                 continue
-            if v in s.stream or any(u.op == "get_attr" and u.target in weights for u in upstream(v)):
+            if v in self.stream or any(u.op == "get_attr" and u.target in weights for u in upstream(v)):
                 raise PassFailure(f"the Fisher information of a model on disk runs block by block, and '{v.name}' "
                                   "carries a weight's effect past the next block", v)
 
-    def _run(self, nodes, env, leaves=None):
-        """Run nodes in order over env (values of other nodes); weights read from the IR (from disk),
-        those in `leaves` (a dict filled here) made leaves that require gradients."""
-        import torch.fx as fx
-
+    def _run(self, k, env, leaves=None):
+        """Run block k over env (values of other nodes); weights read from the IR (from disk), those
+        in `leaves` (a dict filled here) made leaves that require gradients."""
         def value(a):
             if a.op != "get_attr":
                 return env[a]
@@ -124,23 +107,18 @@ class _Blocks:
             if leaves is not None and a.target in self.weights:
                 t = leaves.setdefault(a.target, t.detach().float().requires_grad_())
             return t
-        for n in nodes:
-            args = fx.node.map_arg(n.args, value)
-            kwargs = fx.node.map_arg(n.kwargs, value)
-            if n.op == "placeholder":
-                continue
-            env[n] = args[0] if n.op == "output" else n.target(*args, **kwargs)
+        self.cut.run(k, env, value)
 
     def fisher(self, seqs) -> dict[str, torch.Tensor]:
         """{weight target: sum over sequences of the squared gradient of each one's mean loss}."""
         acc: dict[str, torch.Tensor] = {}
         last = len(self.segments) - 1
-        start = next(n for n in self.ir.graph.nodes if n.op == "placeholder")
+        start = self.cut.start
         for ids in seqs:
             env, saved = {start: ids[None]}, {}
             with torch.no_grad():
-                for nodes in self.segments[:last]:
-                    self._run(nodes, env)
+                for k, nodes in enumerate(self.segments[:last]):
+                    self._run(k, env)
                     saved.update({n: env[n] for n in nodes if n in self.carried})
                     env = dict(saved)   # what later blocks read; the rest of this block is dropped
             grads: dict[str, torch.Tensor] = {}   # a weight read in two blocks (a tied table): both parts
@@ -148,7 +126,7 @@ class _Blocks:
             def block(k, inputs):
                 leaves = {}
                 env = {**saved, **inputs}
-                self._run(self.segments[k], env, leaves)
+                self._run(k, env, leaves)
                 return env, leaves
 
             def collect(leaves):

@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from tqdm import tqdm
 
 from lowbit.ir import meta
 from lowbit.ir.hadamard import hadamard, random_orthogonal, rotate_kron
 from lowbit.ir.quant import quantize_tokens
-from lowbit.ir.store import OnDemand
+from lowbit.ir.store import Segments
 
 from .base import Exact, Pass, PassContext, PassFailure, PassResult, all_sum, my_share, register
 from .insert_hadamard import InsertHadamard
@@ -35,26 +36,29 @@ SAMPLE_ROWS = 2048   # per site: the rows the choice of T's power is measured on
 _PREFIX = "shape_noise."   # the matrices' tensor names: how a node this pass made is known again
 
 
-def _psd_pow(a: torch.Tensor, p: float) -> torch.Tensor:
+def _psd_pow(a: torch.Tensor, *ps: float) -> list[torch.Tensor]:
+    """a^p for each p (a symmetric positive semi-definite), from one eigendecomposition."""
     w, v = torch.linalg.eigh(a)
-    return (v * w.clamp_min(w.max() * 1e-12) ** p) @ v.T
+    return [(v * w.clamp_min(w.max() * 1e-12) ** p) @ v.T for p in ps]
 
 
-def shaping(c: torch.Tensor, g: torch.Tensor, ridge: float, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(T^power, T^-power, the noise product's ratio to a rotation's) for input second moment C and
-    readers' Gram G (float64), each with `ridge` times its mean eigenvalue added; T = (C^-1 # G)^(1/2),
-    scaled to a unit geometric mean of its eigenvalues."""
+def shaping(c: torch.Tensor, g: torch.Tensor, ridge: float, powers=(1.0,)) -> dict[float, tuple]:
+    """{power: (T^power, T^-power, the noise product's ratio to a rotation's)} for input second moment C
+    and readers' Gram G (float64), each with `ridge` times its mean eigenvalue added;
+    T = (C^-1 # G)^(1/2), scaled to a unit geometric mean of its eigenvalues."""
     eye = torch.eye(len(c), dtype=c.dtype)
     c = c + ridge * c.trace() / len(c) * eye
     g = g + ridge * g.trace() / len(g) * eye
-    ch, cih = _psd_pow(c, 0.5), _psd_pow(c, -0.5)
-    p = cih @ _psd_pow(ch @ g @ ch, 0.5) @ cih   # C^-1 # G
-    w, v = torch.linalg.eigh(p)
-    w = w.clamp_min(w.max() * 1e-12).pow(power / 2)
-    w = w / w.log().mean().exp()
-    t, ti = (v * w) @ v.T, (v / w) @ v.T
-    ratio = (torch.trace(t @ c @ t) * torch.trace(ti @ g @ ti) / (c.trace() * g.trace())).item()
-    return t, ti, ratio
+    ch, cih = _psd_pow(c, 0.5, -0.5)
+    p = cih @ _psd_pow(ch @ g @ ch, 0.5)[0] @ cih   # C^-1 # G
+    lam, v = torch.linalg.eigh(p)
+    out = {}
+    for power in powers:
+        w = lam.clamp_min(lam.max() * 1e-12).pow(power / 2)
+        w = w / w.log().mean().exp()
+        t, ti = (v * w) @ v.T, (v / w) @ v.T
+        out[power] = (t, ti, (torch.trace(t @ c @ t) * torch.trace(ti @ g @ ti) / (c.trace() * g.trace())).item())
+    return out
 
 
 def measured_error(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, mi: torch.Tensor | None,
@@ -110,31 +114,6 @@ def _key_site(a):
     return tuple(ends)
 
 
-class _Moments(OnDemand):
-    """Each watched node's second moment over its rows (the last dim's vectors), as a forward pass
-    over the calibration windows computes them; and its first rows, on which the choices are measured."""
-
-    def __init__(self, ir, nodes, keep: int):
-        super().__init__(ir)
-        self.sums = {n: 0 for n in nodes}
-        self.rows = {n: 0 for n in nodes}
-        self.sample = {}   # node -> its first `keep` rows
-        self.keep = keep
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.sums:
-            x = out.detach().reshape(-1, out.shape[-1]).double()
-            self.sums[n] = self.sums[n] + x.T @ x
-            self.rows[n] += len(x)
-            if n not in self.sample:
-                self.sample[n] = x[: self.keep].float().clone()
-        return out
-
-    def moments(self) -> dict:
-        return {n: all_sum(s) / all_sum(torch.tensor([float(self.rows[n])], dtype=torch.float64)) for n, s in self.sums.items()}
-
-
 @register
 class ShapeNoise(Pass):
     """Online matrices T Q on each branch's input and on the keys (T from calibration statistics, Q a random rotation) that shape the 4-bit activation and KV noise away from what the weights and queries amplify; exact."""
@@ -187,31 +166,52 @@ class ShapeNoise(Pass):
                 keys[f"keys {i}"] = site
         if not branches and not keys:
             return PassResult(False, {"skipped": skipped})
-        watch = [x for x, _ in branches.values()] + [n for pair in keys.values() for n in pair]
-        rec = _Moments(ir, watch, SAMPLE_ROWS)
-        with torch.no_grad():
-            for win in tqdm(my_share(ctx.calib[: c.samples]).split(4), desc="shape-noise", unit="batch",
-                            disable=not ctx.progress, leave=False):
-                rec.run(win)
-        moments = rec.moments()
         act, kv = ((ctx.later.get(cls) or [None])[0] for cls in (QuantizeActivations, QuantizeKV))
-        chosen = {}
+        cut = Segments(ir)
+        due = {}   # block -> the sites decided once it has run over every window (the last holding them or their readers)
         for name, (x, readers) in branches.items():
-            ws = [ir.tensor(lin.weight).double() for lin in readers]
-            g = sum(w.T @ w for w in ws)   # expert stacks are skipped: every weight is [N, K]
-            m, mi, chosen[name] = self._choose(moments[x], g, rec.sample[x], _quantizer(act))
-            if m is None:
-                continue
-            for lin, w in zip(readers, ws):   # W M^-T
-                ir.set_tensor(lin.weight, (w @ mi).float())
-            self._insert(ir, x, [lin.node for lin in readers], name, m)
-            for lin in readers:
-                lin.node.meta.setdefault(meta.ROTATIONS, []).append("noise shaping T Q (online)")
+            due.setdefault(max(cut.seg[n] for n in (x, *(lin.node for lin in readers))), []).append(name)
         for name, (qn, kn) in keys.items():
-            m, mi, chosen[name] = self._choose(moments[kn], moments[qn], rec.sample[kn], _quantizer(kv))
-            if m is not None:
-                self._insert(ir, kn, None, name + " k", m)    # k T Q
-                self._insert(ir, qn, None, name + " q", mi)   # q T^-1 Q: q k^T unchanged
+            due.setdefault(max(cut.seg[qn], cut.seg[kn]), []).append(name)
+        watch = {x for x, _ in branches.values()} | {n for pair in keys.values() for n in pair}
+        sums, rows, sample = {}, {}, {}
+        moment = lambda n: all_sum(sums.pop(n)) / all_sum(torch.tensor([float(rows.pop(n))], dtype=torch.float64))  # noqa: E731
+        envs = [{cut.start: win} for win in my_share(ctx.calib[: c.samples]).split(4)]
+        chosen, todo = {}, []   # todo: (site, the node to transform, its readers or None (all), the matrix's tensor)
+        for k in tqdm(range(max(due) + 1), desc="shape-noise", unit="block", disable=not ctx.progress, leave=False):
+            for i, env in enumerate(envs):
+                with torch.no_grad():
+                    cut.run(k, env)
+                for n in watch.intersection(cut.segments[k]):   # each node's second moment over its rows, in window order
+                    x = env[n].detach().reshape(-1, env[n].shape[-1]).double()
+                    sums[n], rows[n] = sums.get(n, 0) + x.T @ x, rows.get(n, 0) + len(x)
+                    sample.setdefault(n, x[:SAMPLE_ROWS].float().clone())
+                envs[i] = cut.handed_on(k, env)
+            for name in due.get(k, ()):
+                if name in keys:   # C the keys' moment, G the queries'
+                    qn, kn = keys[name]
+                    m, mi, chosen[name] = self._choose(moment(kn), moment(qn), sample.pop(kn), _quantizer(kv))
+                    del sample[qn]
+                    if m is not None:
+                        todo += [(name, kn, None, self._store(ir, name + " k", m)),   # k T Q
+                                 (name, qn, None, self._store(ir, name + " q", mi))]   # q T^-1 Q: q k^T unchanged
+                    continue
+                x, readers = branches[name]
+                weight = lambda lin: ir.tensor(lin.weight).double()  # noqa: E731   (one at a time in memory)
+                g = sum(w.T @ w for w in map(weight, readers))   # expert stacks are skipped: each is [N, K]
+                m, mi, chosen[name] = self._choose(moment(x), g, sample.pop(x), _quantizer(act))
+                if m is not None:
+                    for lin in readers:   # W M^-T
+                        ir.set_tensor(lin.weight, (weight(lin) @ mi).float())
+                    todo.append((name, x, [lin.node for lin in readers], self._store(ir, name, m)))
+        del envs
+        order = list(branches) + list(keys)
+        for name, x, users, target in sorted(todo, key=lambda t: order.index(t[0])):
+            h = InsertHadamard._insert_after(ir, x, users, _KRON, [target, _PREFIX + "one"])
+            h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
+            for u in users or ():
+                u.meta.setdefault(meta.ROTATIONS, []).append("noise shaping T Q (online)")
+        chosen = {name: chosen[name] for name in order}
         shaped = [v["noise_ratio"] for v in chosen.values() if v["power"] > 0]
         if shaped:
             ir.changed()
@@ -225,8 +225,7 @@ class ShapeNoise(Pass):
         is (None, None). With no quantizer after this pass, p 1."""
         q = random_orthogonal(len(g), self.config.seed)
         options = {0.0: (None, None, 1.0)} if quant is not None else {}
-        for p in (0.5, 1.0) if quant is not None else (1.0,):
-            t, ti, ratio = shaping(moment, g, self.config.ridge, p)
+        for p, (t, ti, ratio) in shaping(moment, g, self.config.ridge, (0.5, 1.0) if quant is not None else (1.0,)).items():
             options[p] = (t @ q, ti @ q, ratio)
         if quant is None:
             return (*options[1.0][:2], {"power": 1.0, "noise_ratio": round(options[1.0][2], 4)})
@@ -238,10 +237,9 @@ class ShapeNoise(Pass):
                                   "error_ratio": round(errs[p] / errs[0.0], 4)})
 
     @staticmethod
-    def _insert(ir, x, users, name, m):
-        """x M (lowbit.rotate_kron with A = M), read by `users` (None: every user of x)."""
+    def _store(ir, name, m) -> str:
+        """Keep M as the tensor of site `name` (with the 1x1 second factor of rotate_kron); its name."""
         target = _PREFIX + name.replace(" ", "_").replace(".", "_")
         ir.set_tensor(target, m.float())
         ir.set_tensor(_PREFIX + "one", torch.ones(1, 1))
-        h = InsertHadamard._insert_after(ir, x, users, _KRON, [target, _PREFIX + "one"])
-        h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
+        return target

@@ -69,12 +69,12 @@ def test_shaping_lowers_the_output_noise():
     basis = random_orthogonal(d, 3)
     x = torch.randn(4096, d, generator=g, dtype=torch.float64) * torch.logspace(1, -1, d, dtype=torch.float64) @ basis
     w = torch.randn(96, d, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, d, dtype=torch.float64) @ basis
-    t, ti, ratio = shaping(x.T @ x / len(x), w.T @ w, 0.0)
+    t, ti, ratio = shaping(x.T @ x / len(x), w.T @ w, 0.0)[1.0]
     assert torch.allclose(t @ ti, torch.eye(d, dtype=t.dtype), atol=1e-8)
     q = random_orthogonal(d, 0)
     rotated, shaped = _quant_error(x, w, q), _quant_error(x, w, t @ q)
     assert ratio < 0.3 and shaped < 2 * ratio * rotated and shaped < 0.5 * rotated
-    t, _, ratio = shaping(torch.eye(d, dtype=torch.float64) * 3, torch.eye(d, dtype=torch.float64), 1e-3)
+    t, _, ratio = shaping(torch.eye(d, dtype=torch.float64) * 3, torch.eye(d, dtype=torch.float64), 1e-3)[1.0]
     assert torch.allclose(t, torch.eye(d, dtype=t.dtype)) and ratio == pytest.approx(1.0)
 
 

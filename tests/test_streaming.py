@@ -62,7 +62,7 @@ def test_evaluation_streams_too(bf16_dir):
                                            ("gpt2", "w4-gptq"), ("qwen2", "w4a8kv8"), ("mixtral", "quarot-w4-gptq"),
                                            ("llama", "squeezellm-w3-sparse"), ("gemma3_text", "squeezellm-w3-sparse"),
                                            ("llama", "LEARNED"), ("qwen2", "LEARNED"), ("gemma3_text", "LEARNED"),
-                                           ("llama", "AWQ")])
+                                           ("llama", "AWQ"), ("llama", "FRONTIER"), ("gpt2", "SHAPE")])
 def test_streamed_compile_equals_whole(tmp_path, family, recipe):
     """A budget of 1 kB: every weight is read from the checkpoint when a pass needs it and every
     tensor a pass writes is spilled to disk at once; the artifact is the same, tensor for tensor."""
@@ -71,6 +71,11 @@ def test_streamed_compile_equals_whole(tmp_path, family, recipe):
     how = {"recipe": recipe}
     if recipe == "LEARNED":   # w4a4kv4-learned (learn-rotations{loss=local} streams), a few steps on short sequences
         how = {"passes": RECIPES["w4a4kv4-learned"][0].replace("steps=200", "steps=3").replace("seq=256", "seq=32")}
+    if recipe == "FRONTIER":   # frontier-w4a4kv4 shortened: shape-noise's walk runs block by block
+        how = {"passes": RECIPES["frontier-w4a4kv4"][0].replace("steps=200", "steps=3").replace("seq=256", "seq=32")}
+    if recipe == "SHAPE":   # shape-noise on LayerNorm branches and on the keys
+        how = {"passes": "fold-norms,fuse-rotations,insert-hadamard,shape-noise,quantize-activations{bits=4},"
+                         "quantize-kv{bits=4},quantize-weights{bits=4,group=32}"}
     if recipe == "AWQ":   # scale-channels rewrites norms, values and up projections as its walk reaches them
         how = {"passes": "scale-channels{group=32,sym=true},quantize-weights{method=gptq,bits=4,group=32,sym=true}"}
     whole = api.compile(str(tmp_path / "m"), **how, calib=calib, out=tmp_path / "whole", progress=False)
@@ -78,6 +83,8 @@ def test_streamed_compile_equals_whole(tmp_path, family, recipe):
                            progress=False, max_memory=1000)
     assert not whole.ir.stored and streamed.ir.stored
     assert _same(tmp_path / "whole", tmp_path / "new" / "streamed")
+    if recipe in ("FRONTIER", "SHAPE"):   # shape-noise made its matrices, block by block
+        assert sum(k.startswith("shape_noise.") for k in _tensors(tmp_path / "whole")) > 2
     x = torch.randint(0, 200, (1, 7))
     assert torch.equal(whole.ir(x), streamed.ir(x))   # the returned IR reads the artifact's files
     del streamed
@@ -158,6 +165,27 @@ def test_fisher_block_by_block_equals_whole(tmp_path, family):
     calib = torch.randint(3, 200, (3, 24), generator=torch.Generator().manual_seed(0))
     a, b = fisher(whole, PassContext(calib=calib), 3), fisher(lazy, PassContext(calib=calib), 3)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scratch_of_killed_compiles_is_removed(tmp_path, monkeypatch):
+    """A compile killed with kill -9 leaves its spill files beside the output and learn-rotations'
+    recorded values in the temporary directory; the next compile removes them, but not those of a
+    process still running, and removes its own."""
+    import tempfile
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    stale = [tmp_path / "out" / f"lowbit-spill-{dead.pid}-x", tmp_path / "tmp" / f"lowbit-learn-{dead.pid}-y"]
+    live = tmp_path / "tmp" / f"lowbit-learn-{os.getpid()}-z"
+    for p in (*stale, live):
+        p.mkdir(parents=True)
+        (p / "rows.bin").write_bytes(b"half")
+    tiny_hf_dir(tmp_path / "m", "llama", torch.bfloat16)
+    passes = RECIPES["w4a4kv4-learned"][0].replace("steps=200", "steps=2").replace("seq=256", "seq=32")
+    api.compile(str(tmp_path / "m"), passes=passes, calib=need_data("tinyshakespeare", "input.txt"),
+                out=tmp_path / "out" / "a", progress=False, max_memory=1000)
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert list((tmp_path / "tmp").glob("lowbit-*")) == [live]
 
 
 def test_killed_compile_resumes_to_the_same_artifact(tmp_path):

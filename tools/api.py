@@ -96,7 +96,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
 
     device="cuda": GPTQ's calibration walk, its Hessians and its column walk run on the GPU (under
     torchrun, each process on the GPU of its local rank); the artifact is the same format."""
-    from lowbit.ir.artifact import check_output_dir, is_artifact, point_at, read_manifest, save_artifact
+    from lowbit.ir.artifact import check_output_dir, is_artifact, point_at, read_manifest, save_artifact, scratch_dir
     from lowbit.ir.load import sha256_files
     from lowbit.passes import PassContext, PassManager
     from lowbit.passes.instruments import DumpIR, NumericDiff, Provenance, Reproducer, Timing, Verify
@@ -121,7 +121,7 @@ def compile(model, recipe: str | None = None, *, passes: str | None = None, cali
     if ir.stored:
         beside = Path(out).parent if out else cache_dir()
         beside.mkdir(parents=True, exist_ok=True)
-        spill = Path(tempfile.mkdtemp(prefix="lowbit-spill-", dir=beside))
+        spill = scratch_dir("lowbit-spill-", beside)   # a killed compile's is removed
         ir.spill = Spill(spill, (max_memory or default_max_memory()) // 4)
         weakref.finalize(ir, shutil.rmtree, spill, True)
     resume = _resume_dir(Path(out), {"source": ir.info.source_hash, "pipeline": text, "done": done, "seed": seed,
@@ -229,7 +229,6 @@ def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int
         from lowbit.backends.reference import ReferenceBackend
         logits = ReferenceBackend(ir).logits
     elif backend == "ort":
-        import tempfile
 
         from lowbit.backends.onnx import OrtBackend, export_onnx
         with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +252,6 @@ def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: st
     if not is_artifact(artifact):
         raise LowbitError(f"{artifact}: not a lowbit artifact (no manifest.json and graph.json)")
     if format == "trt":
-        import tempfile
 
         from lowbit.backends.tensorrt import build_engine
         with tempfile.TemporaryDirectory() as tmp:

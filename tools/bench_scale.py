@@ -1,7 +1,8 @@
 """`lowbit bench scale`: memory and time of compiling models larger than memory, against model size.
 
 It writes random-weight Llama-shaped checkpoints (bf16 safetensors shards, the default model's
-tokenizer and vocabulary) and compiles each with RTN and with GPTQ in a child process under one
+tokenizer and vocabulary) and compiles each with RTN and with GPTQ (or with `shaped`: shape-noise, then
+W4A4KV4 with RTN weights) in a child process under one
 --max-memory budget, recording the child's peak resident memory (its own getrusage, from wait4)
 and wall time. Random weights measure memory and time only; real models measure quality. Each
 row is kept in OUT/rows/ under a key of what it depends on, so an interrupted run resumes."""
@@ -26,7 +27,10 @@ from lowbit.ir.load import checkpoint_keys
 SHAPES = {"135m": (576, 1536, 30, 9, 3), "1.1b": (2048, 5632, 22, 32, 4), "3b": (3072, 8192, 28, 24, 8),
           "7b": (4096, 11008, 32, 32, 32)}
 METHODS = {"rtn": "quantize-weights{method=rtn,bits=4,group=128,sym=false}",
-           "gptq": "quantize-weights{method=gptq,bits=4,group=128,sym=false,samples=%d}"}
+           "gptq": "quantize-weights{method=gptq,bits=4,group=128,sym=false,samples=%d}",
+           # shape-noise's walk and matrices (on the same windows), then W4A4KV4 with RTN weights
+           "shaped": "shape-noise{samples=%d},quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
+                     "quantize-weights{method=rtn,bits=4,group=128,sym=false}"}
 
 
 def write_checkpoint(directory: Path, shape: str, seed: int = 0, shard_bytes: int = 2 << 30) -> int:
