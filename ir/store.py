@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from tqdm import tqdm
 
 from lowbit.ir import meta

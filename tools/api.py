@@ -229,7 +229,6 @@ def evaluate(model, text, *, ctx: int = 512, max_tokens: int = 32768, batch: int
         from lowbit.backends.reference import ReferenceBackend
         logits = ReferenceBackend(ir).logits
     elif backend == "ort":
-
         from lowbit.backends.onnx import OrtBackend, export_onnx
         with tempfile.TemporaryDirectory() as tmp:
             log.info("exporting to ONNX (flavor ort, accuracy level %d) for onnxruntime", accuracy_level)
@@ -252,7 +251,6 @@ def export(artifact, out, *, format: str = "onnx", flavor: str = "ort", form: st
     if not is_artifact(artifact):
         raise LowbitError(f"{artifact}: not a lowbit artifact (no manifest.json and graph.json)")
     if format == "trt":
-
         from lowbit.backends.tensorrt import build_engine
         with tempfile.TemporaryDirectory() as tmp:
             return build_engine(export_onnx(load(artifact), Path(tmp) / "model.onnx", "trt"), Path(out))
