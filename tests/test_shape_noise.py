@@ -17,7 +17,7 @@ def run(ir, **opts):
     return ShapeNoise(ShapeNoise.Config(**opts)).run(ir, PassContext(calib=CALIB))
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["gpt2", "olmo2", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES + ["gpt2", "olmo2", "mixtral", "falcon", "gpt_neox", "bloom", "opt"])
 def test_exact_on_every_family(family):
     """The model's function is unchanged; every branch and every attention's keys get their matrix
     (an MoE's expert stacks say why not); a second run finds nothing left to do."""
