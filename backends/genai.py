@@ -40,7 +40,7 @@ def genai_config(ir) -> dict:
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx",
                 "head_size": a.head_dim,
-                "hidden_size": ir.tensor(s.embedding_weight).shape[1],
+                "hidden_size": ir.placeholder(s.embedding_weight).shape[1],
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},

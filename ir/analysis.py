@@ -196,10 +196,10 @@ def _linear(n: fx.Node, ir) -> Linear:
     quantized = _is(w, *formats.DENSE_OPS)
     if quantized:
         qweight, k = w.args[0], w.args[-1]
-        out_f = ir.tensor(qweight.target).shape[0]
+        out_f = ir.placeholder(qweight.target).shape[0]
         wname = qweight.target
     elif isinstance(w, fx.Node) and w.op == "get_attr":
-        out_f, k = ir.tensor(w.target).shape[-2:]
+        out_f, k = ir.placeholder(w.target).shape[-2:]
         wname = w.target
     else:
         raise StructureError(n, "a linear whose weight is a parameter or a lowbit.dequantize of one "
@@ -207,7 +207,7 @@ def _linear(n: fx.Node, ir) -> Linear:
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         raise StructureError(n, "a linear whose bias is a parameter")
     experts = int((node_shape(n.args[2]) or (0,))[0]) if grouped else 0
-    if grouped and (quantized or ir.tensor(wname).dim() == 2):   # the experts' rows stacked
+    if grouped and (quantized or ir.placeholder(wname).dim() == 2):   # the experts' rows stacked
         out_f //= experts
     return Linear(n, wname, bias.target if bias is not None else None, n.meta.get(meta.MODULE),
                   int(k), int(out_f), quantized, w, sparse, experts=experts)
@@ -290,7 +290,7 @@ def find_linears(ir, strict: bool = False) -> Linears:
                     raise
                 skipped[n.name] = str(e)
     for n in g.nodes:   # stored matrices something other than a linear or an embedding multiplies (MoE experts)
-        if n.op == "get_attr" and ir.tensor(n.target).is_floating_point() and ir.tensor(n.target).dim() >= 2:
+        if n.op == "get_attr" and ir.placeholder(n.target).is_floating_point() and ir.placeholder(n.target).dim() >= 2:
             for u in n.users:
                 if u.op == "call_function" and not _is(u, aten.linear.default, GROUPED, aten.embedding.default, *formats.DENSE_OPS,
                                                         *formats.ADDITIVE_OPS) and u.name not in skipped:

@@ -3,14 +3,14 @@ what lowbit knows about the model it came from."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from . import meta
 from .errors import LowbitError
-from .store import OnDemand, Spill, Stored
+from .store import OnDemand, Rewritten, Spill, Stored
 
 # Wrapper prefix torch.export puts on every parameter and module path of the captured model.
 WRAPPER_PREFIX = "model."
@@ -131,6 +131,16 @@ class IR:
         owner.register_buffer(leaf, value.detach().contiguous())
         if self.spill is not None:
             self.spill.wrote(self, target, value)
+
+    def rewrite(self, target: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """Replace the tensor at `target` by fn(it), fn a function of that tensor alone (what else it
+        needs, it holds). In memory that is done now; a tensor on disk stays there and fn is applied
+        whenever it is read (`Rewritten`), so a rewrite costs nothing until then."""
+        old = self.stored.get(target)
+        if old is None:
+            self.set_tensor(target, fn(self.tensor(target)))
+        else:   # its file stays: the new entry reads it (a spill file goes once the target is replaced)
+            self.stored[target] = Rewritten(old.file, old.key, old.shape, old.dtype, base=old, fn=fn)
 
     def del_tensor(self, target: str):
         old = self.stored.pop(target, None)

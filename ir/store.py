@@ -5,7 +5,8 @@ is then a `Stored` entry, a placeholder on the meta device in the module and the
 safetensors file. `IR.tensor` reads it whole, in the dtype the whole-model path would hold, every
 time it is asked (nothing is cached), and the caller frees it. What passes write stays in memory
 up to a budget; past it the `Spill` moves the written tensors into safetensors files (one each) in its own
-directory and they become `Stored` entries too. `OnDemand` runs the graph node by node, reading a
+directory and they become `Stored` entries too; a pass that rewrites a stored tensor as a function of
+it alone (`IR.rewrite`) leaves it there, to be rewritten when read (`Rewritten`). `OnDemand` runs the graph node by node, reading a
 stored tensor only when a node uses it, so a forward pass holds the live activations and the
 weights of one node."""
 from __future__ import annotations
@@ -73,6 +74,22 @@ class Stored:
 
     def placeholder(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+@dataclass(frozen=True)
+class Rewritten(Stored):
+    """A tensor on disk as a pass rewrote it: `fn` of the tensor `base` reads, applied at each read
+    (the rewrite's inputs besides it, such as a norm's scale or a rotation, are in fn). Weights that
+    passes rewrite one after another (fold a norm, rotate, rotate down's input) are thus read from
+    the checkpoint once, by the pass that packs them, and are never written out in float32."""
+    base: Stored | None = None
+    fn: Callable | None = None
+
+    def read(self) -> torch.Tensor:
+        t = self.fn(self.base.read())
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
+            raise LowbitError(f"{self.key}: a rewrite made {t.dtype} {tuple(t.shape)} of {self.dtype} {self.shape}")
+        return t
 
 
 class Spill:

@@ -90,18 +90,20 @@ class FoldNorms(Pass):
         """W (n g + b) + c = (W diag(g)) n + (c + W b), computed in float64. A weight or bias that
         other nodes read too (a tied lm_head) gets its own folded copy; returns the linears untied."""
         w_node = lin.node.args[1]
-        w = ir.tensor(w_node.target).double()
-        scale = ir.tensor(norm.weight).double() + norm.offset if norm.weight else torch.ones(w.shape[-1], dtype=w.dtype)
-        new_w = w * scale
+        scale = ir.tensor(norm.weight).double() + norm.offset if norm.weight else torch.ones(())
+
+        def fold(w):
+            return (w.double() * scale).float()
+        shift = ir.tensor(w_node.target).double() @ ir.tensor(norm.bias).double() if norm.bias is not None else None
         untied = []
         if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader
-            lin.node.replace_input_with(w_node, ir.param(f"{lin.home}.weight.folded", new_w.float(), lin.node))
+            lin.node.replace_input_with(w_node, ir.param(f"{lin.home}.weight.folded", fold(ir.tensor(w_node.target)),
+                                                         lin.node))
             untied.append(lin.name)
         else:
-            ir.set_tensor(w_node.target, new_w.float())
-        if norm.bias is None:
+            ir.rewrite(w_node.target, fold)   # a weight left on disk is folded when it is read
+        if shift is None:
             return untied
-        shift = w @ ir.tensor(norm.bias).double()
         b_node = lin.node.args[2] if len(lin.node.args) > 2 else None
         if b_node is not None and len(b_node.users) == 1:
             ir.set_tensor(b_node.target, (ir.tensor(b_node.target).double() + shift).float())

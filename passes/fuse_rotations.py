@@ -33,14 +33,14 @@ def per_query_head(values, a):
 
 def scale_rows(ir, lin, s):
     """A linear's output channels (weight rows, bias) times s, computed in float64."""
-    ir.set_tensor(lin.weight, (ir.tensor(lin.weight).double() * s[:, None]).float())
+    ir.rewrite(lin.weight, lambda w: (w.double() * s[:, None]).float())
     if lin.bias:
-        ir.set_tensor(lin.bias, (ir.tensor(lin.bias).double() * s).float())
+        ir.rewrite(lin.bias, lambda b: (b.double() * s).float())
 
 
 def divide_values(ir, a, sv):
     """An attention's values (the rows of v that produce them) divided by sv, one per value channel."""
-    inv = torch.ones(ir.tensor(a.v.weight).shape[0], dtype=torch.float64)
+    inv = torch.ones(ir.placeholder(a.v.weight).shape[0], dtype=torch.float64)
     inv[a.v_rows] = 1 / sv
     scale_rows(ir, a.v, inv)
 
@@ -127,8 +127,10 @@ def center_stream(ir, s) -> int:
                           "with neither mix", next(n for n in norms if n.kind == "rms").normalized)
 
     def center(target, dim):
-        t = ir.tensor(target).double()
-        ir.set_tensor(target, (t - t.mean(dim, keepdim=True)).float())
+        def f(t):
+            t = t.double()
+            return (t - t.mean(dim, keepdim=True)).float()
+        ir.rewrite(target, f)
     for target in {s.embedding_weight, positions_table(s)} - {None}:
         center(target, 1)
     for lin in stream_writers(s):
@@ -149,7 +151,13 @@ def center_stream(ir, s) -> int:
 
 def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None):
     """The tensors a rotation changes, as (target, new value) one at a time, each read by `get` when
-    its turn comes (pure, differentiable; a model left on disk streams through it).
+    its turn comes (pure, differentiable)."""
+    for target, fn in rotations(s, r1, r2s).items():
+        yield target, fn(get(target))
+
+
+def rotations(s, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict:
+    """{target: function of its tensor}, for the tensors a rotation changes.
 
     R1 (row vectors: x_rot = x R1): embedding E R1 (and learned positions P R1); stream readers W R1; stream writers R1^T W,
     bias b R1. R2 per attention (shared by its heads, so grouped-query attention is unaffected):
@@ -180,11 +188,14 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None):
         if a.v.bias:
             fns.setdefault(a.v.bias, []).append(v_fn)
         fns.setdefault(a.o.weight, []).append(lambda w, r2=r2, hd=hd: (w.reshape(w.shape[0], -1, hd) @ r2).reshape(w.shape))
-    for target, fs in fns.items():
-        t = get(target)
-        for f in fs:
-            t = f(t)
-        yield target, t
+
+    def chain(fs):
+        def f(t):
+            for g in fs:
+                t = g(t)
+            return t
+        return f
+    return {target: chain(fs) for target, fs in fns.items()}
 
 
 def _note(node: fx.Node, text: str):
@@ -229,14 +240,14 @@ class FuseRotations(Pass):
         with_r1 = ctx.applies("R1")
         centered = center_stream(ir, s) if with_r1 else 0
         s = ir.analysis
-        d = ir.tensor(s.embedding_weight).shape[1]
+        d = ir.placeholder(s.embedding_weight).shape[1]
         r1 = self._matrix(ir, LEARNED_R1, d, c.seed) if with_r1 else torch.eye(d, dtype=torch.float64)
         with_r2 = [c.r2 and ctx.applies(f"R2 layer {i}") for i in range(len(s.attentions))]
         r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) if on else torch.eye(a.head_dim, dtype=torch.float64)
                for i, (a, on) in enumerate(zip(s.attentions, with_r2))] if any(with_r2) else None
         scaled = self._smooth(ir, s) if c.kind == "learned" else 0
-        for target, t in rotated_tensors(s, lambda t: ir.tensor(t).double(), r1, r2s):
-            ir.set_tensor(target, t.float())
+        for target, fn in rotations(s, r1, r2s).items():   # a weight left on disk is rotated when it is read
+            ir.rewrite(target, lambda t, fn=fn: fn(t.double()).float())
         online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None) if with_r1 else 0
         for lin in stream_readers(s) if with_r1 else []:
             _note(lin.node, "R1 in")
@@ -258,7 +269,7 @@ class FuseRotations(Pass):
         (v's rows) with o's input columns times s (per query head, through the GQA repeat); the
         down input / s (up's rows, the gate stays) with down's columns times s. Exact."""
         def scale_columns(target, s):
-            ir.set_tensor(target, (ir.tensor(target).double() * s).float())
+            ir.rewrite(target, lambda t: (t.double() * s).float())
         n = 0
         for i, a in enumerate(s.attentions):
             sv = ir.extra_tensors.get(smooth_v(i))

@@ -180,11 +180,18 @@ class _Calibrate(OnDemand):
         self.known = set(known)   # targets already quantized (a resumed compile): no H for them
         self.order = {n: i for i, n in enumerate(ir.graph.nodes)}
         self.w_hat = {}   # target -> its quantized weight, made with its group
+        self.unread = None
+
+    def read(self, target: str):
+        return None if target == self.unread else super().read(target)
 
     def run_node(self, n):
         if n not in self.targets:
             return super().run_node(n)
+        # quantized in turn, a weight is read by `quantize`, not here: the walk goes on with w_hat
+        self.unread = n.args[1].target if self.sequential and n.args[1].op == "get_attr" else None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self.unread = None
         x, w = args[0], args[1]
         grouped = n.target is grouped_linear._opoverload   # an expert stack: args[2] holds the offsets
         bias = None if grouped else args[2] if len(args) > 2 else kwargs.get("bias")
@@ -199,7 +206,7 @@ class _Calibrate(OnDemand):
                     rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64, device=flat.device))
                     h = all_sum(flat.T @ flat) * 2 / rows
             self.w_hat.update(self.quantize(group, h))
-        w_hat = self.w_hat.pop(n).to(w)   # its dtype, on the walk's device
+        w_hat = self.w_hat.pop(n).to(x)   # the walk's dtype and device
         self.targets.discard(n)
         w = w_hat if self.sequential else w
         out = grouped_linear(x, w, args[2]) if grouped else F.linear(x, w, bias)

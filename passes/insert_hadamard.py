@@ -72,14 +72,15 @@ class InsertHadamard(Pass):
                     for t, f in zip(targets, (a, b)):
                         ir.set_tensor(t, f.float())
                     h = self._insert_after(ir, x, [down.node], _KRON, targets)
-                    q, what = torch.kron(a, b), "R4 in (online learned Kronecker rotation)"
+                    q, what = (lambda a=a, b=b: torch.kron(a, b)), "R4 in (online learned Kronecker rotation)"
                 else:
                     if not supported(n):
                         raise PassFailure(f"no Hadamard transform of order {n} for '{down.name}'s input", down.node)
                     h = self._insert_after(ir, x, users=[down.node])
-                    q, what = hadamard_matrix(n) / n ** 0.5, "R4 in (online Hadamard)"
-                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q orthogonal
-                ir.set_tensor(down.weight, (ir.tensor(down.weight).double() @ q).float())
+                    q, what = (lambda n=n: hadamard_matrix(n) / n ** 0.5), "R4 in (online Hadamard)"
+                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q orthogonal (made when the weight is read:
+                # n x n, too large to hold one per layer)
+                ir.rewrite(down.weight, lambda w, q=q: (w.double() @ q()).float())
                 down.node.meta.setdefault(meta.ROTATIONS, []).append(what)
                 h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
                 r4 += 1

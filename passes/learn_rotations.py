@@ -266,7 +266,7 @@ class LearnRotations(Pass):
         """Where each rotation starts: R1 and R2 randomized Hadamards (seeded), R4 H_n as A kron B,
         R3 insert-hadamard's own H_hd; [] for those not learned."""
         seed = self.config.seed
-        d = ir.tensor(s.embedding_weight).shape[1]
+        d = ir.placeholder(s.embedding_weight).shape[1]
         r1 = _start(d, seed).float().requires_grad_()
         r2s = [_start(a.head_dim, seed + 1 + i).float().requires_grad_() for i, a in enumerate(s.attentions)] \
             if r2 else []
@@ -476,7 +476,7 @@ class LearnRotations(Pass):
         if not f.is_file():
             raise PassFailure(f"load={path}: no learned rotations there (no extras.safetensors)")
         found = {k: v for k, v in load_file(f).items() if k.startswith(("rotations.", "smooth."))}
-        d = ir.tensor(s.embedding_weight).shape[1]
+        d = ir.placeholder(s.embedding_weight).shape[1]
         if LEARNED_R1 not in found or tuple(found[LEARNED_R1].shape) != (d, d):
             raise PassFailure(f"load={path}: no {d}x{d} R1 for this model")
         ir.extra_tensors.update(found)

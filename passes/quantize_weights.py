@@ -250,9 +250,6 @@ class QuantizeWeights(Pass):
                 and ctx.applies(lin.path)]
         if not todo:
             return PassResult(False)
-        for lin in todo:
-            if not torch.isfinite(ir.tensor(lin.weight)).all():
-                raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
         if (scheme.hessian or scheme.fisher or c.promote) and ctx.calib is None:
             raise PassFailure(f"method={c.method}{' with promote' if c.promote else ''} needs calibration text "
                               "(compile --calib FILE)")
@@ -326,6 +323,8 @@ class QuantizeWeights(Pass):
                 resumed.append(lin.name)
                 return adopt(lin, *done), None, None
             w = ir.tensor(lin.weight).float().reshape(lin.rows, -1)   # the dense part, when the linear is split
+            if not torch.isfinite(w).all():
+                raise PassFailure(f"weight '{lin.weight}' has NaN or Inf", lin.node)
             sens = self._sensitivity(ir, lin, fish) if scheme.fisher else None
             if isinstance(h, ExpertHessians):   # each expert with its own rows' H
                 p = h.quantize(lambda *a: quantize(scheme, *a), w, sens)

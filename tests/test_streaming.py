@@ -92,6 +92,24 @@ def test_streamed_compile_equals_whole(tmp_path, family, recipe):
     assert not list((tmp_path / "new").glob("lowbit-spill-*"))   # removed with the IR
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_rewritten_weights_are_read_once(tmp_path, bf16_dir, monkeypatch, method):
+    """fold-norms, fuse-rotations and insert-hadamard leave a weight on disk as a function of it
+    (applied when it is read): no rewritten weight goes to the spill files, and each linear's
+    weight is read from the checkpoint once, by quantize-weights."""
+    from lowbit.ir.store import Spill, Stored
+    reads, spilled = [], []
+    read, flush = Stored.read, Spill.flush
+    monkeypatch.setattr(Stored, "read", lambda self: reads.append(self.key) or read(self))
+    monkeypatch.setattr(Spill, "flush", lambda self, ir: spilled.extend(self.pending) or flush(self, ir))
+    calib = need_data("tinyshakespeare", "input.txt")
+    passes = f"fold-norms,fuse-rotations,insert-hadamard,quantize-weights{{method={method},bits=4,group=32}}"
+    api.compile(str(bf16_dir), passes=passes, calib=calib, out=tmp_path / "a", progress=False, max_memory=1000)
+    linears = [k for k in load_file(bf16_dir / "model.safetensors") if k.endswith("proj.weight")]
+    assert len(linears) == 21 and all(reads.count(k) == 1 for k in linears)
+    assert spilled and not [t for t in spilled if t.endswith("proj.weight")]   # only what quantize-weights packed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family,recipe,budget", [("llama", "w4-gptq", None), ("llama", "w4-gptq", 1000),

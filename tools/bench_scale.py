@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ METHODS = {"rtn": "quantize-weights{method=rtn,bits=4,group=128,sym=false}",
            "gptq": "quantize-weights{method=gptq,bits=4,group=128,sym=false,samples=%d}",
            # shape-noise's walk and matrices (on the same windows), then W4A4KV4 with RTN weights
            "shaped": "shape-noise{samples=%d},quantize-activations{bits=4,clip=0.9},quantize-kv{bits=4,clip=0.95},"
+                     "quantize-weights{method=rtn,bits=4,group=128,sym=false}",
+           # QuaRot's rewrites (norms folded, R1 and R2 fused, down's input rotated), then RTN weights
+           "quarot": "fold-norms,fuse-rotations{kind=hadamard},insert-hadamard,"
                      "quantize-weights{method=rtn,bits=4,group=128,sym=false}"}
 
 
@@ -72,19 +76,30 @@ def write_checkpoint(directory: Path, shape: str, seed: int = 0, shard_bytes: in
 
 
 def _compile_child(model: Path, pipeline: str, calib: str, out: Path, max_memory: int) -> dict:
-    """Compile in a child process; its wall time and peak resident memory (ru_maxrss from wait4)."""
+    """Compile in a child process; its wall time, peak resident memory (ru_maxrss from wait4) and
+    the most disk it took (spill files, resume records and the artifact: the disk's use, sampled
+    each second, less its use at the start)."""
     cmd = [sys.executable, "-m", "lowbit.tools.cli", "compile", str(model), "--passes", pipeline, "--calib", calib,
            "--out", str(out), "--force", "--max-memory", str(max_memory)]
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    used0, disk, done = shutil.disk_usage(out.parent).used, [0], threading.Event()
+
+    def sample():
+        while not done.wait(1.0):
+            disk[0] = max(disk[0], shutil.disk_usage(out.parent).used - used0)
+    threading.Thread(target=sample, daemon=True).start()
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise LowbitError(f"compile of {model.name} failed (exit {proc.returncode}): "
                           f"{(err.strip().splitlines() or ['no output'])[-1]}")
-    return {"seconds": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+    return {"seconds": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "peak_disk_gb": round(disk[0] / 1e9, 2)}
 
 
 def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", "gptq"), calib: str | None = None,
@@ -119,7 +134,7 @@ def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", 
                    "seconds_per_block": round(res["seconds"] / cfg["num_hidden_layers"], 2)}
             f.write_text(json.dumps(row, indent=1))
             rows.append(row)
-            log(f"{shape} {method}: {res['seconds']} s, peak {res['peak_rss_gb']} GB")
+            log(f"{shape} {method}: {res['seconds']} s, peak {res['peak_rss_gb']} GiB, disk {res['peak_disk_gb']} GB")
     rep = {"max_memory_gb": round(max_memory / 2**30, 2), "samples": samples, "rows": rows}
     (out / "scale.json").write_text(json.dumps(rep, indent=1))
     (out / "scale.md").write_text(scale_table(rep))
@@ -128,9 +143,10 @@ def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", 
 
 def scale_table(rep: dict) -> str:
     lines = [f"max memory {rep['max_memory_gb']} GiB; GPTQ on {rep['samples']} windows of 512", "",
-             "| shape | parameters | bf16 on disk | method | wall | per block | peak resident |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "| shape | parameters | bf16 on disk | method | wall | per block | peak resident | disk written |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rep["rows"]:
+        disk = f"{r['peak_disk_gb']:.1f} GB" if "peak_disk_gb" in r else "-"
         lines.append(f"| {r['shape']} | {r['params_b']:.2f} B | {r['bf16_gb']:.1f} GB | {r['method']} | "
-                     f"{r['seconds']:.0f} s | {r['seconds_per_block']:.1f} s | {r['peak_rss_gb']:.2f} GiB |")
+                     f"{r['seconds']:.0f} s | {r['seconds_per_block']:.1f} s | {r['peak_rss_gb']:.2f} GiB | {disk} |")
     return "\n".join(lines) + "\n"

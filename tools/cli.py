@@ -360,7 +360,7 @@ def _add_bench(sub):
 
     bs = bsub.add_parser("scale", help="peak memory and time of compiling random-weight Llama shapes, 135M to 7B")
     bs.add_argument("--shapes", default="135m,1.1b,3b,7b", help="from 135m, 1.1b, 3b, 7b")
-    bs.add_argument("--methods", default="rtn,gptq", help="from rtn, gptq, shaped (shape-noise, then W4A4KV4 with RTN)")
+    bs.add_argument("--methods", default="rtn,gptq", help="from rtn, gptq, shaped (shape-noise, then W4A4KV4 with RTN), quarot (QuaRot rotations, then RTN)")
     bs.add_argument("--max-memory", type=_size, default=4 << 30, help="the compiles' --max-memory (default 4GiB)")
     bs.add_argument("--samples", type=_count(1), default=8, help="calibration windows of 512 tokens (GPTQ, shape-noise)")
     bs.add_argument("--calib", help="calibration text (default: a packaged text; the weights are random)")
