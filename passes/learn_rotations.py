@@ -280,7 +280,6 @@ class LearnRotations(Pass):
         """Cayley SGD on the rotations, Adam on the smoothing log-scales; the loss of a fixed batch
         before and after (compares like with like). The loss is a sum of parts (`parts(batch)`),
         each differentiated alone and the gradients added, so one part's graph is alive at a time."""
-        c = self.config
         probe = batch_at(0)
         with torch.no_grad():
             before = sum(p.item() for p in parts(probe))
