@@ -177,6 +177,12 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return (y / math.sqrt(n)).reshape(*lead, n)
 
 
+# Orders up to which a weight is rotated by one dense product (float64, n^2 work per row: little at
+# these orders); above, by its Kronecker factors (kron_rotate: p q (p + q) per row). The two agree to
+# float rounding, not bit for bit.
+DENSE_UP_TO = 2048
+
+
 def kron_split(n: int) -> tuple[int, int]:
     """(p, q) with n = p q for a Kronecker-factored rotation of order n: q the power-of-two part of
     n up to 256, p the rest (holding the base order)."""

@@ -152,6 +152,23 @@ class Pass:
         raise NotImplementedError
 
 
+def by_rows(fn):
+    """Marks fn as a function of each row of its tensor alone (t @ R), which may be applied to blocks of rows."""
+    fn.by_rows = True
+    return fn
+
+
+def in_float64(fn, t: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """fn(t) computed in float64 and returned in float32; a function `by_rows` a block of rows at a
+    time, so that a vocabulary-sized table is never whole in float64."""
+    if not getattr(fn, "by_rows", False) or t.dim() < 2:
+        return fn(t.double()).float()
+    out = torch.empty(t.shape, dtype=torch.float32)
+    for i in range(0, len(t), rows):
+        out[i:i + rows] = fn(t[i:i + rows].double())
+    return out
+
+
 REGISTRY: dict[str, type[Pass]] = {}
 
 

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.ir.analysis import find_norms
 
-from .base import Exact, Pass, PassContext, PassResult, register
+from .base import Exact, Pass, PassContext, PassResult, by_rows, in_float64, register
 
 
 @register
@@ -92,8 +92,8 @@ class FoldNorms(Pass):
         w_node = lin.node.args[1]
         scale = ir.tensor(norm.weight).double() + norm.offset if norm.weight else torch.ones(())
 
-        def fold(w):
-            return (w.double() * scale).float()
+        def fold(w):   # by rows: a vocabulary-sized lm_head is never whole in float64
+            return in_float64(by_rows(lambda x: x * scale), w)
         shift = ir.tensor(w_node.target).double() @ ir.tensor(norm.bias).double() if norm.bias is not None else None
         untied = []
         if len(w_node.users) > 1:   # tied (lm_head and embedding) or shared: untie this reader

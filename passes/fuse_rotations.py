@@ -8,9 +8,10 @@ import torch.fx as fx
 
 from lowbit.ir import meta
 from lowbit.ir.analysis import LAYOUT_OPS, node_shape
-from lowbit.ir.hadamard import random_hadamard, random_orthogonal, random_signs, rotate_kron, supported
+from lowbit.ir.hadamard import (DENSE_UP_TO, kron_hadamard, kron_rotate, random_hadamard, random_orthogonal, random_signs,
+                                rotate_kron, supported)
 
-from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
+from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, by_rows, in_float64, register
 
 aten = torch.ops.aten
 
@@ -156,8 +157,9 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None):
         yield target, fn(get(target))
 
 
-def rotations(s, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict:
-    """{target: function of its tensor}, for the tensors a rotation changes.
+def rotations(s, r1: torch.Tensor, r2s: list[torch.Tensor] | None, times_r1=None) -> dict:
+    """{target: function of its tensor}, for the tensors a rotation changes; times_r1(x) = x R1 along
+    the last dimension (default: the dense product; a Hadamard R1 gives a fast one).
 
     R1 (row vectors: x_rot = x R1): embedding E R1 (and learned positions P R1); stream readers W R1; stream writers R1^T W,
     bias b R1. R2 per attention (shared by its heads, so grouped-query attention is unaffected):
@@ -168,14 +170,15 @@ def rotations(s, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict:
     def put(target, fn):   # an R1 role: the first one a tensor has
         fns.setdefault(target, [fn])
 
+    times_r1 = times_r1 or (lambda x: x @ r1)
     for table in {s.embedding_weight, positions_table(s)} - {None}:
-        put(table, lambda t: t @ r1)
+        put(table, by_rows(times_r1))
     for lin in stream_readers(s):
-        put(lin.weight, lambda w: w @ r1)
+        put(lin.weight, by_rows(times_r1))
     for lin in stream_writers(s):
-        put(lin.weight, lambda w: r1.T @ w)
+        put(lin.weight, lambda w: times_r1(w.mT).mT)   # R1^T W = (W^T R1)^T (stacked experts: each)
         if lin.bias:
-            put(lin.bias, lambda b: b @ r1)
+            put(lin.bias, times_r1)
     for a, r2 in zip(s.attentions, r2s or []):
         rows, hd = a.v_rows, a.head_dim
 
@@ -194,6 +197,7 @@ def rotations(s, r1: torch.Tensor, r2s: list[torch.Tensor] | None) -> dict:
             for g in fs:
                 t = g(t)
             return t
+        f.by_rows = all(getattr(g, "by_rows", False) for g in fs)
         return f
     return {target: chain(fs) for target, fs in fns.items()}
 
@@ -246,8 +250,14 @@ class FuseRotations(Pass):
         r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) if on else torch.eye(a.head_dim, dtype=torch.float64)
                for i, (a, on) in enumerate(zip(s.attentions, with_r2))] if any(with_r2) else None
         scaled = self._smooth(ir, s) if c.kind == "learned" else 0
-        for target, fn in rotations(s, r1, r2s).items():   # a weight left on disk is rotated when it is read
-            ir.rewrite(target, lambda t, fn=fn: fn(t.double()).float())
+        fast = None
+        if with_r1 and c.kind == "hadamard" and d > DENSE_UP_TO:   # x R1 = (x (A kron B)) diag(s)
+            factors, signs = kron_hadamard(d), random_signs(d, c.seed)
+
+            def fast(x):
+                return kron_rotate(x, *factors) * signs
+        for target, fn in rotations(s, r1, r2s, fast).items():   # a weight left on disk is rotated when it is read
+            ir.rewrite(target, lambda t, fn=fn: in_float64(fn, t))
         online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None) if with_r1 else 0
         for lin in stream_readers(s) if with_r1 else []:
             _note(lin.node, "R1 in")

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.ir import meta
-from lowbit.ir.hadamard import hadamard, hadamard_matrix, rotate_kron, supported
+from lowbit.ir.hadamard import DENSE_UP_TO, hadamard, hadamard_matrix, kron_hadamard, kron_rotate, rotate_kron, supported
 
-from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, register
+from .base import Exact, Needs, Pass, PassContext, PassFailure, PassResult, by_rows, in_float64, register
 
 _OP = hadamard._opoverload
 _KRON = rotate_kron._opoverload
@@ -72,15 +72,19 @@ class InsertHadamard(Pass):
                     for t, f in zip(targets, (a, b)):
                         ir.set_tensor(t, f.float())
                     h = self._insert_after(ir, x, [down.node], _KRON, targets)
-                    q, what = (lambda a=a, b=b: torch.kron(a, b)), "R4 in (online learned Kronecker rotation)"
+                    ab, dense = (a, b), (lambda a=a, b=b: torch.kron(a, b))
+                    what = "R4 in (online learned Kronecker rotation)"
                 else:
                     if not supported(n):
                         raise PassFailure(f"no Hadamard transform of order {n} for '{down.name}'s input", down.node)
                     h = self._insert_after(ir, x, users=[down.node])
-                    q, what = (lambda n=n: hadamard_matrix(n) / n ** 0.5), "R4 in (online Hadamard)"
-                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q orthogonal (made when the weight is read:
-                # n x n, too large to hold one per layer)
-                ir.rewrite(down.weight, lambda w, q=q: (w.double() @ q()).float())
+                    ab, dense = kron_hadamard(n), (lambda n=n: hadamard_matrix(n) / n ** 0.5)
+                    what = "R4 in (online Hadamard)"
+                # rewrite: down(x) -> down'(x Q) with down' = W Q, Q = A kron B orthogonal, when the weight is read
+                # (Q made then: n x n, too large to hold one per layer; above DENSE_UP_TO, never made)
+                times_q = (lambda x, ab=ab: kron_rotate(x, *ab)) if n > DENSE_UP_TO else \
+                    (lambda x, dense=dense: x @ dense())
+                ir.rewrite(down.weight, lambda w, f=times_q: in_float64(by_rows(f), w))
                 down.node.meta.setdefault(meta.ROTATIONS, []).append(what)
                 h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
                 r4 += 1

@@ -35,8 +35,9 @@ def test_compile_refuses_bad_requests_before_loading(tmp_path):
         api.compile("no-such-model", passes="fuse-rotations")
     with pytest.raises(LowbitError, match="max_new_tokens must be at least 1"):
         api.run("no-such-model", "hi", max_new_tokens=0)
-    with pytest.raises(LowbitError, match="--device mps: compile runs on cpu or cuda"):
-        api.compile("no-such-model", "w4-rtn", device="mps")
+    for device in ("mps", "tpu"):   # a device torch knows, one it does not
+        with pytest.raises(LowbitError, match=f"--device {device}: compile runs on cpu or cuda"):
+            api.compile("no-such-model", "w4-rtn", device=device)
     import torch
     if not torch.cuda.is_available():
         with pytest.raises(LowbitError, match="--device cuda: torch sees no CUDA device"):

@@ -3,6 +3,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from lowbit.ir.errors import LowbitError
 from lowbit.tools.bench import bench_quality, markdown
@@ -99,3 +100,38 @@ def test_peer_without_its_environment_is_skipped_with_the_reason(tmp_path, monke
     assert lc["ppl"] is None and "LOWBIT_LLMCOMPRESSOR_PYTHON" in lc["skipped"]
     assert gq["ppl"] is None and "LOWBIT_GPTQMODEL_PYTHON" in gq["skipped"]
     assert "| skipped |" in markdown(rep) and "(llm-compressor pins" in markdown(rep)
+
+
+def test_bench_scale_rows_and_resume(tmp_path, monkeypatch):
+    """`lowbit bench scale` on a tiny Llama shape: a random bf16 checkpoint with as many parameters as
+    transformers makes of its config, each compile in a child process (left on disk: budget 1000
+    bytes) with its time and peak memory, the artifacts loadable, rows kept on a rerun."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.ir.artifact import load_artifact, read_manifest
+    from lowbit.tools import bench_scale as bs
+    monkeypatch.setitem(bs.SHAPES, "tiny", (64, 128, 2, 4, 2))
+    logs = []
+    rep = bs.bench_scale(tmp_path, ["tiny"], ["rtn", "gptq"], samples=2, max_memory=1000, log=logs.append)
+    ckpt = tmp_path / "models" / "tiny"
+    params = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt)).num_parameters()
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            assert {sf.get_slice(k).get_dtype() for k in sf.keys()} == {"BF16"}
+    assert [(r["method"], r["blocks"]) for r in rep["rows"]] == [("rtn", 2), ("gptq", 2)]
+    for r in rep["rows"]:
+        assert r["params_b"] == round(params / 1e9, 3) and r["seconds"] > 0
+        assert 0.1 < r["peak_rss_gb"] < 8   # a child process with torch loaded, a tiny model
+        art = tmp_path / "artifacts" / f"tiny-{r['method']}"
+        assert read_manifest(art)["pipeline"] == r["key"]["pipeline"]
+        x = torch.randint(0, 1000, (1, 8))
+        assert torch.isfinite(load_artifact(art)(x)).all()
+    assert (tmp_path / "scale.md").read_text() == bs.scale_table(rep) and rep["device"] == "cpu"
+    logs.clear()
+    again = bs.bench_scale(tmp_path, ["tiny"], ["rtn", "gptq"], samples=2, max_memory=1000, log=logs.append)
+    assert again["rows"] == rep["rows"] and sum("kept from an earlier run" in m for m in logs) == 2
+    with pytest.raises(LowbitError, match="--device tpu"):
+        bs.bench_scale(tmp_path, ["tiny"], ["rtn"], max_memory=1000, device="tpu")
+    with pytest.raises(LowbitError, match="unknown shape or method 13b"):
+        bs.bench_scale(tmp_path, ["13b"], ["rtn"])

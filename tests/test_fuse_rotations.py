@@ -7,6 +7,7 @@ import torch
 
 from lowbit.ir import meta
 from lowbit.ir.artifact import save_artifact
+from lowbit.ir.hadamard import kron_rotate
 from lowbit.ir.printer import format_ir
 from lowbit.passes import PassManager, PipelineError
 from lowbit.passes.instruments import NumericDiff, Verify
@@ -42,6 +43,38 @@ def test_exact_on_every_family(family, kind):
                for b in s.blocks)
     assert "R2^T out (per head)" in s.attentions[0].v.node.meta[meta.ROTATIONS]
     assert s.embedding.meta[meta.ROTATED] == {"kind": kind, "seed": 0, "r2": True}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "gemma3_text", "mixtral", "qwen2_moe"])
+def test_kronecker_products_agree_with_dense(family, monkeypatch):
+    """Above DENSE_UP_TO, a Hadamard R1 and R4 are applied to the weights through their Kronecker
+    factors (kron_rotate), never formed. With the threshold at 0: every tensor is the dense
+    products' to float rounding, and the model is unchanged."""
+    import lowbit.passes.fuse_rotations as fuse
+    import lowbit.passes.insert_hadamard as insert
+    dense, model = tiny_ir(family)
+    PassManager(ROTATE.format(kind="hadamard")).run(dense)
+    ir, _ = tiny_ir(family)
+    calls = []
+
+    def counted(x, a, b, inverse=False):
+        calls.append(x.shape)
+        return kron_rotate(x, a, b, inverse)
+    for m in (fuse, insert):
+        monkeypatch.setattr(m, "DENSE_UP_TO", 0)
+        monkeypatch.setattr(m, "kron_rotate", counted)
+    PassManager(ROTATE.format(kind="hadamard")).run(ir)
+    s = ir.analysis
+    readers, downs = {lin.weight for lin in fuse.stream_readers(s)}, {m.down.weight for m in s.mlps}
+    assert len(calls) >= len(readers) + len(downs)   # every reader's W R1, each down's W R4
+    targets = [n.target for n in ir.graph.nodes if n.op == "get_attr"]
+    assert targets == [n.target for n in dense.graph.nodes if n.op == "get_attr"]
+    for t in targets:
+        a, b = ir.tensor(t), dense.tensor(t)
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-6 * b.abs().max(), t
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert rel(ir(x), model(x).logits) <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])

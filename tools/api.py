@@ -170,8 +170,11 @@ def _join_ranks() -> int:
 
 def _compile_device(device: str) -> torch.device:
     """The device a compile calibrates on: the CPU, or a GPU (under torchrun, its local rank's)."""
-    d = torch.device(device)
-    if d.type not in ("cpu", "cuda"):
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
         raise LowbitError(f"--device {device}: compile runs on cpu or cuda")
     if d.type == "cuda":
         if not torch.cuda.is_available():

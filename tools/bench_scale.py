@@ -75,12 +75,12 @@ def write_checkpoint(directory: Path, shape: str, seed: int = 0, shard_bytes: in
     return total
 
 
-def _compile_child(model: Path, pipeline: str, calib: str, out: Path, max_memory: int) -> dict:
+def _compile_child(model: Path, pipeline: str, calib: str, out: Path, max_memory: int, device: str = "cpu") -> dict:
     """Compile in a child process; its wall time, peak resident memory (ru_maxrss from wait4) and
     the most disk it took (spill files, resume records and the artifact: the disk's use, sampled
     each second, less its use at the start)."""
     cmd = [sys.executable, "-m", "lowbit.tools.cli", "compile", str(model), "--passes", pipeline, "--calib", calib,
-           "--out", str(out), "--force", "--max-memory", str(max_memory)]
+           "--out", str(out), "--force", "--max-memory", str(max_memory), "--device", device]
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     used0, disk, done = shutil.disk_usage(out.parent).used, [0], threading.Event()
@@ -103,7 +103,7 @@ def _compile_child(model: Path, pipeline: str, calib: str, out: Path, max_memory
 
 
 def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", "gptq"), calib: str | None = None,
-                max_memory: int = 4 << 30, samples: int = 8, log=print) -> dict:
+                max_memory: int = 4 << 30, samples: int = 8, device: str = "cpu", log=print) -> dict:
     from lowbit.tools.defaults import DEMO_TEXT
     unknown = [s for s in shapes if s not in SHAPES] + [m for m in methods if m not in METHODS]
     if unknown:
@@ -121,28 +121,29 @@ def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", 
         params = sum(math.prod(shape) for _, shape in checkpoint_keys(sorted(ckpt.glob("*.safetensors"))).values())
         for method in methods:
             pipeline = METHODS[method] % samples if "%d" in METHODS[method] else METHODS[method]
-            key = {"shape": shape, "pipeline": pipeline, "max_memory": max_memory, "calib": calib}
+            key = {"shape": shape, "pipeline": pipeline, "max_memory": max_memory, "calib": calib, "device": device}
             f = out / "rows" / f"{shape}-{method}.json"
             if f.is_file() and json.loads(f.read_text()).get("key") == key:
                 log(f"{shape} {method}: kept from an earlier run")
                 rows.append(json.loads(f.read_text()))
                 continue
             log(f"{shape} {method}: compiling ({params / 1e9:.2f}B parameters)")
-            res = _compile_child(ckpt, pipeline, calib, out / "artifacts" / f"{shape}-{method}", max_memory)
+            res = _compile_child(ckpt, pipeline, calib, out / "artifacts" / f"{shape}-{method}", max_memory, device)
             row = {"key": key, "shape": shape, "method": method, "params_b": round(params / 1e9, 3),
                    "bf16_gb": round(2 * params / 1e9, 2), "blocks": cfg["num_hidden_layers"], **res,
                    "seconds_per_block": round(res["seconds"] / cfg["num_hidden_layers"], 2)}
             f.write_text(json.dumps(row, indent=1))
             rows.append(row)
             log(f"{shape} {method}: {res['seconds']} s, peak {res['peak_rss_gb']} GiB, disk {res['peak_disk_gb']} GB")
-    rep = {"max_memory_gb": round(max_memory / 2**30, 2), "samples": samples, "rows": rows}
+    rep = {"max_memory_gb": round(max_memory / 2**30, 2), "samples": samples, "device": device, "rows": rows}
     (out / "scale.json").write_text(json.dumps(rep, indent=1))
     (out / "scale.md").write_text(scale_table(rep))
     return rep
 
 
 def scale_table(rep: dict) -> str:
-    lines = [f"max memory {rep['max_memory_gb']} GiB; GPTQ on {rep['samples']} windows of 512", "",
+    lines = [f"max memory {rep['max_memory_gb']} GiB; GPTQ on {rep['samples']} windows of 512; "
+             f"calibration on {rep.get('device', 'cpu')} (peak resident: the host's memory)", "",
              "| shape | parameters | bf16 on disk | method | wall | per block | peak resident | disk written |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rep["rows"]:

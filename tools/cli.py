@@ -141,7 +141,7 @@ def cmd_bench_quality(args):
 def cmd_bench_scale(args):
     from lowbit.tools.bench_scale import bench_scale, scale_table
     rep = bench_scale(Path(args.out), [x for x in args.shapes.split(",") if x], [x for x in args.methods.split(",") if x],
-                      args.calib, args.max_memory, args.samples, log=log.info)
+                      args.calib, args.max_memory, args.samples, args.device, log=log.info)
     print(scale_table(rep))
     log.info("tables written to %s/scale.md and scale.json", args.out)
 
@@ -364,6 +364,7 @@ def _add_bench(sub):
     bs.add_argument("--max-memory", type=_size, default=4 << 30, help="the compiles' --max-memory (default 4GiB)")
     bs.add_argument("--samples", type=_count(1), default=8, help="calibration windows of 512 tokens (GPTQ, shape-noise)")
     bs.add_argument("--calib", help="calibration text (default: a packaged text; the weights are random)")
+    bs.add_argument("--device", default="cpu", help="the compiles' --device: cpu (default) or cuda")
     bs.add_argument("--out", default="lowbit-out/bench-scale", help="checkpoints, artifacts, per-row results")
     bs.set_defaults(fn=cmd_bench_scale)
 
