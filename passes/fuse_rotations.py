@@ -72,7 +72,7 @@ def stream_writers(s):
     return [writer(b) for b in s.blocks if b.post_norm is None]
 
 
-def rotate_online(ir, s, r1: torch.Tensor, hadamard_signs: torch.Tensor | None) -> int:
+def rotate_online(ir, s, r1: torch.Tensor | None, hadamard_signs: torch.Tensor | None) -> int:
     """Each post-norm's output (Gemma3, OLMo2) times R1, online: a weighted norm between a writer
     and the stream does not commute with R1, so the writer stays as it is and the normalized,
     scaled branch is rotated before the add. R1 = H diag(s) / sqrt(d) (kind=hadamard): the fast
@@ -157,7 +157,7 @@ def rotated_tensors(s, get, r1: torch.Tensor, r2s: list[torch.Tensor] | None):
         yield target, fn(get(target))
 
 
-def rotations(s, r1: torch.Tensor, r2s: list[torch.Tensor] | None, times_r1=None) -> dict:
+def rotations(s, r1: torch.Tensor | None, r2s: list[torch.Tensor] | None, times_r1=None) -> dict:
     """{target: function of its tensor}, for the tensors a rotation changes; times_r1(x) = x R1 along
     the last dimension (default: the dense product; a Hadamard R1 gives a fast one).
 
@@ -245,18 +245,19 @@ class FuseRotations(Pass):
         centered = center_stream(ir, s) if with_r1 else 0
         s = ir.analysis
         d = ir.placeholder(s.embedding_weight).shape[1]
-        r1 = self._matrix(ir, LEARNED_R1, d, c.seed) if with_r1 else torch.eye(d, dtype=torch.float64)
+        fast = with_r1 and c.kind == "hadamard" and d > DENSE_UP_TO   # x R1 = (x (A kron B)) diag(s): R1 never made
+        r1 = None if fast else self._matrix(ir, LEARNED_R1, d, c.seed) if with_r1 else torch.eye(d, dtype=torch.float64)
         with_r2 = [c.r2 and ctx.applies(f"R2 layer {i}") for i in range(len(s.attentions))]
         r2s = [self._matrix(ir, learned_r2(i), a.head_dim, c.seed + 1 + i) if on else torch.eye(a.head_dim, dtype=torch.float64)
                for i, (a, on) in enumerate(zip(s.attentions, with_r2))] if any(with_r2) else None
         scaled = self._smooth(ir, s) if c.kind == "learned" else 0
-        fast = None
-        if with_r1 and c.kind == "hadamard" and d > DENSE_UP_TO:   # x R1 = (x (A kron B)) diag(s)
+        times_r1 = None
+        if fast:
             factors, signs = kron_hadamard(d), random_signs(d, c.seed)
 
-            def fast(x):
+            def times_r1(x):
                 return kron_rotate(x, *factors) * signs
-        for target, fn in rotations(s, r1, r2s, fast).items():   # a weight left on disk is rotated when it is read
+        for target, fn in rotations(s, r1, r2s, times_r1).items():   # a weight left on disk is rotated when it is read
             ir.rewrite(target, lambda t, fn=fn: in_float64(fn, t))
         online = rotate_online(ir, s, r1, random_signs(d, c.seed) if c.kind == "hadamard" else None) if with_r1 else 0
         for lin in stream_readers(s) if with_r1 else []:

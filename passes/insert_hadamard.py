@@ -81,10 +81,11 @@ class InsertHadamard(Pass):
                     ab, dense = kron_hadamard(n), (lambda n=n: hadamard_matrix(n) / n ** 0.5)
                     what = "R4 in (online Hadamard)"
                 # rewrite: down(x) -> down'(x Q) with down' = W Q, Q = A kron B orthogonal, when the weight is read
-                # (Q made then: n x n, too large to hold one per layer; above DENSE_UP_TO, never made)
-                times_q = (lambda x, ab=ab: kron_rotate(x, *ab)) if n > DENSE_UP_TO else \
-                    (lambda x, dense=dense: x @ dense())
-                ir.rewrite(down.weight, lambda w, f=times_q: in_float64(by_rows(f), w))
+                # (Q made then, once per read: n x n, too large to hold one per layer; above DENSE_UP_TO, never made)
+                def times_q(w, ab=ab, dense=dense, n=n):
+                    f = (lambda x: kron_rotate(x, *ab)) if n > DENSE_UP_TO else (lambda x, q=dense(): x @ q)
+                    return in_float64(by_rows(f), w)
+                ir.rewrite(down.weight, times_q)
                 down.node.meta.setdefault(meta.ROTATIONS, []).append(what)
                 h.meta[meta.TYPE] = x.meta.get(meta.TYPE, "")
                 r4 += 1
