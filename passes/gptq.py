@@ -2,6 +2,7 @@
 column-by-column quantizer with error feedback through the inverse Hessian."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +52,9 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     the Cholesky factor of H^-1. Returns codes [N, K] int32."""
     n, k = w.shape
     w = w.to(h.device, torch.float64, copy=True)
-    h = h.double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=h.device)
-    w, h = w[:, perm], h[perm[:, None], perm]
-    h.diagonal().add_(damp * torch.diagonal(h).mean())   # in place: no second K x K matrix
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w[:, torch.diagonal(h) == 0] = 0
+    perm, hinv = _factor(h, damp, act_order)
+    w = w[:, perm]
     codes = torch.zeros(n, k, dtype=torch.int32, device=w.device)
     cols = perm.tolist()   # column numbers as Python ints (one transfer, not one per column on a GPU)
     for i1 in range(0, k, block):
@@ -73,6 +69,42 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
     out = torch.empty_like(codes)
     out[:, perm] = codes
+    return out
+
+
+_FACTORS: dict = {}   # (id(H), its version, damp, act_order) -> (column order, U), while H lives
+
+
+def _factor(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column order and U, upper, with U^T U = H^-1 (H dampened, in that order). Kept while H
+    lives: the linears that share an H (q, k and v; gate and up) factor it once."""
+    key = (id(h), h._version, damp, act_order)
+    if key not in _FACTORS:
+        hd = h.double().clone()
+        dead = torch.diagonal(hd) == 0
+        hd[dead, dead] = 1
+        perm = torch.argsort(torch.diagonal(hd), descending=True) if act_order else torch.arange(len(hd), device=h.device)
+        hd = hd[perm[:, None], perm]
+        hd.diagonal().add_(damp * torch.diagonal(hd).mean())   # in place: no second K x K matrix
+        # with J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J): U = J L^-1 J
+        l = torch.linalg.cholesky(hd.flip(0, 1))
+        del hd
+        _FACTORS[key] = perm, _lower_inverse(l).flip(0, 1)
+        weakref.finalize(h, _FACTORS.pop, key, None)
+    return _FACTORS[key]
+
+
+def _lower_inverse(l: torch.Tensor) -> torch.Tensor:
+    """L^-1 for L lower triangular, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]],
+    so the work is in matrix products (2/3 K^3 multiply-adds; a triangular solve against I costs K^3)."""
+    n = len(l)
+    if n <= 512:
+        return torch.linalg.solve_triangular(l, torch.eye(n, dtype=l.dtype, device=l.device), upper=False)
+    m = n // 2
+    a, d = _lower_inverse(l[:m, :m]), _lower_inverse(l[m:, m:])
+    out = torch.zeros_like(l)
+    out[:m, :m], out[m:, m:] = a, d
+    out[m:, :m] = -(d @ l[m:, :m]) @ a
     return out
 
 

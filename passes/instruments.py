@@ -15,9 +15,9 @@ from .pipeline import Instrument
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    ref, approx = ref.double(), approx.double()
-    noise = (ref - approx).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
+    wide = ref if ref.dtype in (torch.float32, torch.float64) else ref.float()   # half precision: differences in float32
+    noise = torch.linalg.vector_norm(wide - approx, dtype=torch.float64).item()   # sums in float64
+    return math.inf if noise == 0 else 20 * math.log10(torch.linalg.vector_norm(ref, dtype=torch.float64).item() / noise)
 
 
 def rel_err(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -38,7 +38,10 @@ def test_rtn_error_within_half_step(bits, group, sym, k, seed):
     w_hat = dequantize(t["qweight"], t["scales"], t["zeros"], bits, group, k)
     assert torch.equal(w_hat, p.w_hat())
     assert w_hat.shape == w.shape and t["scales"].shape == (6, spec.n_groups(k))
-    step = t["scales"].float()[:, torch.arange(k) // spec.group_size(k)]
+    cols = torch.arange(k) // spec.group_size(k)   # column by column, as the layout defines it
+    zero = 1 << (bits - 1) if sym else unpack(t["zeros"], bits, spec.n_groups(k)).float()[:, cols]
+    assert torch.equal(w_hat, (unpack(t["qweight"], bits, k).float() - zero) * t["scales"].float()[:, cols])
+    step = t["scales"].float()[:, cols]
     assert ((w - w_hat).abs() <= step * 0.5 + 1e-3 * w.abs().max()).all()
 
 

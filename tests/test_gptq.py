@@ -6,6 +6,7 @@ import torch
 
 from lowbit.ir.formats.uniform import QuantSpec, dequantize, dequantize_codes, fit_groups, quantize
 from lowbit.passes import PassContext, PassManager, PipelineError
+from lowbit.passes import gptq as gptq_mod
 from lowbit.passes.gptq import gptq
 from lowbit.tools.evaluate import perplexity, read_text, windows
 from models import DATA, need_data, tiny_ir
@@ -35,6 +36,30 @@ def test_gptq_output_error_below_rtn(bits, group, sym, act_order):
     assert err(w_gptq) < 0.85 * err(w_rtn)
     # static groups: the same scales as RTN, so the packed layout needs no column permutation
     assert torch.equal(scale, s) and torch.equal(zero, z)
+
+
+def test_gptq_factor_is_the_cholesky_factor_of_the_inverse_and_shared():
+    """U upper with U^T U = H^-1 (dampened, dead inputs given a unit diagonal, columns by decreasing
+    diag H), through the reversed Cholesky factor's inverse (700 > 512: inverted by halves); made
+    once per H, again when H changes, dropped with it."""
+    cached = len(gptq_mod._FACTORS)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 700, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 700, dtype=torch.float64)
+    x[:, 5] = 0   # an input that is always zero
+    h = 2 * x.T @ x / 900
+    perm, u = gptq_mod._factor(h, 0.01, True)
+    hd = h.clone()
+    hd[5, 5] = 1
+    assert torch.equal(perm, torch.argsort(torch.diagonal(hd), descending=True))
+    hd = hd[perm[:, None], perm]
+    hd.diagonal().add_(0.01 * torch.diagonal(hd).mean())
+    assert torch.equal(u, u.triu()) and (torch.diagonal(u) > 0).all()
+    assert torch.allclose(u.T @ u @ hd, torch.eye(700, dtype=torch.float64), atol=1e-9)
+    assert gptq_mod._factor(h, 0.01, True)[1] is u   # q, k and v: one factorization
+    h.mul_(2)
+    assert gptq_mod._factor(h, 0.01, True)[1] is not u
+    del h
+    assert len(gptq_mod._FACTORS) == cached
 
 
 def test_gptq_clip_searches_the_static_group_ranges():

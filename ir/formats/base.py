@@ -21,27 +21,30 @@ aten = torch.ops.aten
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, K] integer codes in [0, 2**bits) -> uint8 [N, ceil(K*bits/8)] little-endian bit rows."""
     n, k = codes.shape
-    c = codes.to(torch.int32)
-    if 8 % bits == 0:
+    if 8 % bits == 0:   # whole codes per byte: OR them in, in bytes
         per = 8 // bits
-        c = torch.nn.functional.pad(c, (0, (-k) % per)).reshape(n, -1, per)
-        return (c << (torch.arange(per, dtype=torch.int32) * bits)).sum(-1).to(torch.uint8)
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-k) % per)).reshape(n, -1, per)
+        out = c[..., 0].clone()
+        for j in range(1, per):
+            out |= c[..., j] << (j * bits)
+        return out
+    c = codes.to(torch.int32)
     stream = ((c[..., None] >> torch.arange(bits, dtype=torch.int32)) & 1).reshape(n, k * bits)
     stream = torch.nn.functional.pad(stream, (0, (-k * bits) % 8)).reshape(n, -1, 8)
     return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 rows -> int32 [N, K] codes."""
+def unpack(packed: torch.Tensor, bits: int, k: int, dtype=torch.int32) -> torch.Tensor:
+    """Inverse of `pack`: uint8 rows -> [N, K] codes in `dtype`."""
     n = packed.shape[0]
-    p = packed.to(torch.int32)
-    if 8 % bits == 0:
+    if 8 % bits == 0:   # shifted and masked in bytes
         per = 8 // bits
-        c = (p[..., None] >> (torch.arange(per, dtype=torch.int32, device=packed.device) * bits)) & ((1 << bits) - 1)
-        return c.reshape(n, -1)[:, :k]
+        c = (packed[..., None] >> (torch.arange(per, dtype=torch.uint8, device=packed.device) * bits)) & ((1 << bits) - 1)
+        return c.reshape(n, -1)[:, :k].to(dtype)
+    p = packed.to(torch.int32)
     stream = ((p[..., None] >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1).reshape(n, -1)
     stream = stream[:, : k * bits].reshape(n, k, bits)
-    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1)
+    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1).to(dtype)
 
 
 class WeightFormat:

@@ -60,7 +60,7 @@ def packed(codes: torch.Tensor, lut: torch.Tensor, bits: int) -> Packed:
 @torch.library.custom_op("lowbit::dequantize_lut", mutates_args=())
 def dequantize_lut(qweight: torch.Tensor, lut: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Reference dequantization of the lookup-table layout to a float32 [N, K] weight."""
-    codes = unpack(qweight, bits, in_features).long()
+    codes = unpack(qweight, bits, in_features, torch.int64)
     return torch.gather(lut.to(torch.float32), 1, codes)
 
 

@@ -111,8 +111,9 @@ def _fit(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]
 def to_grid(values, scale, zero, spec: QuantSpec):
     """Codes of `values` under scale and zero point of the same shape (an integer zero point is
     added after rounding, a float one, offset "min", before)."""
-    q = torch.round(values / scale + zero) if spec.offset == "min" else torch.round(values / scale) + zero
-    return torch.clamp(q, 0, (1 << spec.bits) - 1)
+    q = values / scale   # then in place: one temporary the size of `values`
+    q = q.add_(zero).round_() if spec.offset == "min" else q.round_().add_(zero)
+    return q.clamp_(0, (1 << spec.bits) - 1)
 
 
 def _codes(wg, scale, zero, spec):
@@ -151,9 +152,9 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """W_hat [N, K] from unpacked codes and per-group scale/zero [N, G], in scale's dtype."""
-    k = codes.shape[1]
-    g = torch.arange(k, device=codes.device) // spec.group_size(k)
-    return (codes.to(scale.dtype) - zero[:, g]) * scale[:, g]
+    n, k = codes.shape
+    wg = (_grouped(codes.to(scale.dtype), spec.group_size(k)) - zero[..., None]) * scale[..., None]
+    return wg.reshape(n, -1)[:, :k].contiguous()
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> torch.Tensor:
@@ -178,6 +179,7 @@ def packed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
 
 def pack_weight(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> Packed:
     """Round-to-nearest."""
+    w = w.to(torch.float64)   # once, for both
     scale, zero = fit_groups(w, spec, clip_search)
     return packed(quantize(w, scale, zero, spec), scale, zero, spec)
 
@@ -185,18 +187,17 @@ def pack_weight(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> 
 @torch.library.custom_op("lowbit::dequantize", mutates_args=())
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                bits: int, group: int, in_features: int) -> torch.Tensor:
-    """Reference dequantization of the packed layout above to a float32 [N, K] weight."""
-    k = in_features
-    g = k if group == -1 else group
-    codes = unpack(qweight, bits, k).to(torch.float32)
-    col_group = torch.arange(k) // g
+    """Reference dequantization of the packed layout above to a float32 [N, K] weight (a group at a
+    time: [N, G, g] against scales [N, G, 1])."""
+    n, k = qweight.shape[0], in_features
+    codes = _grouped(unpack(qweight, bits, k, torch.float32), k if group == -1 else group)
+    s = scales.to(torch.float32)[..., None]
     if zeros is not None and zeros.is_floating_point():   # offset "min": code * scale + minimum
-        return codes * scales.to(torch.float32)[:, col_group] + zeros.to(torch.float32)[:, col_group]
-    if zeros is None:
-        zero = torch.full((1, 1), float(1 << (bits - 1)))
+        w = codes * s + zeros.to(torch.float32)[..., None]
     else:
-        zero = unpack(zeros, bits, scales.shape[1]).to(torch.float32)[:, col_group]
-    return (codes - zero) * scales.to(torch.float32)[:, col_group]
+        zero = float(1 << (bits - 1)) if zeros is None else unpack(zeros, bits, scales.shape[1], torch.float32)[..., None]
+        w = (codes - zero) * s
+    return w.reshape(n, -1)[:, :k].contiguous()
 
 
 @dequantize.register_fake
