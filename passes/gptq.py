@@ -55,20 +55,22 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     w[:, torch.diagonal(h) == 0] = 0
     perm, hinv = _factor(h, damp, act_order)
     w = w[:, perm]
-    codes = torch.zeros(n, k, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(k, n, dtype=torch.int32, device=w.device)   # row i: the i-th column visited
     cols = perm.tolist()   # column numbers as Python ints (one transfer, not one per column on a GPU)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
+        # the block's columns as rows, so that each step reads and updates contiguous memory
+        # (the same arithmetic, element by element, as on the columns: the same codes, twice as fast)
+        w1, err = w[:, i1:i2].t().contiguous(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
         for i in range(i2 - i1):
-            q, deq = grid(w1[:, i], cols[i1 + i])
-            codes[:, i1 + i] = q.to(torch.int32)
-            e = (w1[:, i] - deq) / hinv[i1 + i, i1 + i]
-            w1[:, i:] -= e[:, None] * hinv[i1 + i, i1 + i:i2][None, :]
+            q, deq = grid(w1[i], cols[i1 + i])
+            codes[i1 + i] = q
+            e = (w1[i] - deq) / hinv[i1 + i, i1 + i]
+            w1[i:] -= hinv[i1 + i, i1 + i:i2, None] * e
             err[:, i] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
+    out = torch.empty(n, k, dtype=torch.int32, device=w.device)
+    out[:, perm] = codes.t()
     return out
 
 
@@ -147,21 +149,21 @@ def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.
     increases the objective (QuantEase, Behdin et al., 2023). R is kept up to date per block of
     columns, as GPTQ's walk keeps its error. Returns the new codes."""
     n, k = w.shape
-    w_hat, codes = w_hat.clone(), codes.clone()
     r = (w - w_hat) @ h
+    w_hat, codes = w_hat.t().contiguous(), codes.t().contiguous()   # columns as rows, as in the walk
     diag = torch.diagonal(h).tolist()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        rb, delta = r[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
+        rb, delta = r[:, i1:i2].t().contiguous(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
         for j in range(i1, i2):
-            q, deq = grid(w_hat[:, j] + rb[:, j - i1] / diag[j], j)
-            d = deq - w_hat[:, j]
-            codes[:, j], w_hat[:, j], delta[:, j - i1] = q.to(codes.dtype), deq, d
-            rb -= d[:, None] * h[j, i1:i2][None, :]
+            q, deq = grid(w_hat[j] + rb[j - i1] / diag[j], j)
+            d = deq - w_hat[j]
+            codes[j], w_hat[j], delta[:, j - i1] = q, deq, d
+            rb -= h[j, i1:i2, None] * d
         r[:, :i1] -= delta @ h[i1:i2, :i1]
         r[:, i2:] -= delta @ h[i1:i2, i2:]
-        r[:, i1:i2] = rb
-    return codes
+        r[:, i1:i2] = rb.t()
+    return codes.t().contiguous()
 
 
 @dataclass

@@ -62,6 +62,35 @@ def test_gptq_factor_is_the_cholesky_factor_of_the_inverse_and_shared():
     assert len(gptq_mod._FACTORS) == cached
 
 
+
+def test_gptq_walk_is_the_blocked_algorithm_on_columns():
+    """The walk works on a block's columns as rows (contiguous memory); its codes equal, bit for
+    bit, the blocked algorithm written on W's columns (blocks of 16 over K = 104: a partial last
+    block; one input always zero)."""
+    x, w, h = _layer(k=104)
+    x[:, 3] = 0
+    h = 2 * x.T @ x / len(x)
+    spec = QuantSpec(4, 32, False)
+    scale, zero = fit_groups(w, spec)
+
+    def grid(values, col):
+        q = torch.clamp(torch.round(values / scale[:, col // 32]) + zero[:, col // 32], 0, 15)
+        return q, (q - zero[:, col // 32]) * scale[:, col // 32]
+    perm, u = gptq_mod._factor(h, 0.01, True)
+    ref, wp = torch.zeros_like(w, dtype=torch.int32), w.clone()
+    wp[:, 3] = 0
+    wp = wp[:, perm]
+    for i1 in range(0, 104, 16):
+        i2 = min(i1 + 16, 104)
+        w1, err = wp[:, i1:i2].clone(), torch.zeros(48, i2 - i1, dtype=torch.float64)
+        for i in range(i2 - i1):
+            q, deq = grid(w1[:, i], perm[i1 + i].item())
+            ref[:, perm[i1 + i]] = q.to(torch.int32)
+            err[:, i] = (w1[:, i] - deq) / u[i1 + i, i1 + i]
+            w1[:, i:] -= err[:, i, None] * u[i1 + i, i1 + i:i2][None, :]
+        wp[:, i2:] -= err @ u[i1:i2, i2:]
+    assert torch.equal(gptq_mod.gptq_columns(w, h, grid, block=16), ref)
+
 def test_gptq_clip_searches_the_static_group_ranges():
     x, _, h = _layer()
     # heavy-tailed weights, where a full min/max range wastes codes on a few values
