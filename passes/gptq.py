@@ -150,7 +150,8 @@ def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.
     columns, as GPTQ's walk keeps its error. Returns the new codes."""
     n, k = w.shape
     r = (w - w_hat) @ h
-    w_hat, codes = w_hat.t().contiguous(), codes.t().contiguous()   # columns as rows, as in the walk
+    # columns as rows, as in the walk (copies, whatever the shapes: the caller's tensors stay as they are)
+    w_hat, codes = (x.t().clone(memory_format=torch.contiguous_format) for x in (w_hat, codes))
     diag = torch.diagonal(h).tolist()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -105,13 +105,15 @@ def test_peer_without_its_environment_is_skipped_with_the_reason(tmp_path, monke
 def test_bench_scale_rows_and_resume(tmp_path, monkeypatch):
     """`lowbit bench scale` on a tiny Llama shape: a random bf16 checkpoint with as many parameters as
     transformers makes of its config, each compile in a child process (left on disk: budget 1000
-    bytes) with its time and peak memory, the artifacts loadable, rows kept on a rerun."""
+    bytes) with its time and its own peak memory (not this process's: it peaks at 2 GiB first),
+    the artifacts loadable, rows kept on a rerun."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.ir.artifact import load_artifact, read_manifest
     from lowbit.tools import bench_scale as bs
     monkeypatch.setitem(bs.SHAPES, "tiny", (64, 128, 2, 4, 2))
+    torch.ones(2 << 30, dtype=torch.uint8).add_(1)   # 2 GiB resident, then freed: this process's peak
     logs = []
     rep = bs.bench_scale(tmp_path, ["tiny"], ["rtn", "gptq"], samples=2, max_memory=1000, log=logs.append)
     ckpt = tmp_path / "models" / "tiny"
@@ -122,7 +124,7 @@ def test_bench_scale_rows_and_resume(tmp_path, monkeypatch):
     assert [(r["method"], r["blocks"]) for r in rep["rows"]] == [("rtn", 2), ("gptq", 2)]
     for r in rep["rows"]:
         assert r["params_b"] == round(params / 1e9, 3) and r["seconds"] > 0
-        assert 0.1 < r["peak_rss_gb"] < 8   # a child process with torch loaded, a tiny model
+        assert 0.1 < r["peak_rss_gb"] < 1.5   # a child process with torch loaded, a tiny model
         art = tmp_path / "artifacts" / f"tiny-{r['method']}"
         assert read_manifest(art)["pipeline"] == r["key"]["pipeline"]
         x = torch.randint(0, 1000, (1, 8))

@@ -329,4 +329,10 @@ def run(model, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory: VmHWM where Linux has it (ru_maxrss also counts the peak
+    of the process that started this one: a vfork-and-exec child inherits it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

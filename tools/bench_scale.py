@@ -2,10 +2,10 @@
 
 It writes random-weight Llama-shaped checkpoints (bf16 safetensors shards, the default model's
 tokenizer and vocabulary) and compiles each with RTN and with GPTQ (or with `shaped`: shape-noise, then
-W4A4KV4 with RTN weights) in a child process under one
---max-memory budget, recording the child's peak resident memory (its own getrusage, from wait4)
-and wall time. Random weights measure memory and time only; real models measure quality. Each
-row is kept in OUT/rows/ under a key of what it depends on, so an interrupted run resumes."""
+W4A4KV4 with RTN weights) in a child process under one --max-memory budget, recording the child's
+peak resident memory (its own high-water mark, which it reports as it exits) and wall time. Random
+weights measure memory and time only; real models measure quality. Each row is kept in OUT/rows/
+under a key of what it depends on, so an interrupted run resumes."""
 from __future__ import annotations
 
 import json
@@ -75,11 +75,23 @@ def write_checkpoint(directory: Path, shape: str, seed: int = 0, shard_bytes: in
     return total
 
 
+# The child reports its own peak as it exits. Not ru_maxrss from wait4: a child started by vfork
+# and exec inherits its parent's high-water mark there (Linux keeps the larger), and this process
+# peaks at a few GB while it writes a checkpoint.
+_CHILD = """import runpy, sys
+try:
+    runpy.run_module("lowbit.tools.cli", run_name="__main__")
+finally:
+    from lowbit.tools.api import peak_rss_mb
+    print("lowbit-peak-mb", peak_rss_mb(), file=sys.stderr)
+"""
+
+
 def _compile_child(model: Path, pipeline: str, calib: str, out: Path, max_memory: int, device: str = "cpu") -> dict:
-    """Compile in a child process; its wall time, peak resident memory (ru_maxrss from wait4) and
+    """Compile in a child process; its wall time, peak resident memory (its own: `peak_rss_mb`) and
     the most disk it took (spill files, resume records and the artifact: the disk's use, sampled
     each second, less its use at the start)."""
-    cmd = [sys.executable, "-m", "lowbit.tools.cli", "compile", str(model), "--passes", pipeline, "--calib", calib,
+    cmd = [sys.executable, "-c", _CHILD, "compile", str(model), "--passes", pipeline, "--calib", calib,
            "--out", str(out), "--force", "--max-memory", str(max_memory), "--device", device]
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,14 +104,15 @@ def _compile_child(model: Path, pipeline: str, calib: str, out: Path, max_memory
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.wait()
     done.set()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    err, _, peak_mb = err.partition("lowbit-peak-mb ")
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise LowbitError(f"compile of {model.name} failed (exit {proc.returncode}): "
                           f"{(err.strip().splitlines() or ['no output'])[-1]}")
-    return {"seconds": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "peak_disk_gb": round(disk[0] / 1e9, 2)}
+    return {"seconds": round(wall, 1), "peak_rss_gb": round(float(peak_mb) / 1024, 2),
+            "peak_disk_gb": round(disk[0] / 1e9, 2)}
 
 
 def bench_scale(out: Path, shapes=("135m", "1.1b", "3b", "7b"), methods=("rtn", "gptq"), calib: str | None = None,
