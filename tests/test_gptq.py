@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from lowbit.ir.formats.uniform import QuantSpec, dequantize, dequantize_codes, fit_groups, quantize
+from lowbit.ir.formats.uniform import QuantSpec, dequantize, dequantize_codes, fit_groups, quantize, to_grid
 from lowbit.passes import PassContext, PassManager, PipelineError
 from lowbit.passes import gptq as gptq_mod
 from lowbit.passes.gptq import gptq
@@ -62,7 +62,6 @@ def test_gptq_factor_is_the_cholesky_factor_of_the_inverse_and_shared():
     assert len(gptq_mod._FACTORS) == cached
 
 
-
 def test_gptq_walk_is_the_blocked_algorithm_on_columns():
     """The walk works on a block's columns as rows (contiguous memory); its codes equal, bit for
     bit, the blocked algorithm written on W's columns (blocks of 16 over K = 104: a partial last
@@ -74,7 +73,7 @@ def test_gptq_walk_is_the_blocked_algorithm_on_columns():
     scale, zero = fit_groups(w, spec)
 
     def grid(values, col):
-        q = torch.clamp(torch.round(values / scale[:, col // 32]) + zero[:, col // 32], 0, 15)
+        q = to_grid(values, scale[:, col // 32], zero[:, col // 32], spec)
         return q, (q - zero[:, col // 32]) * scale[:, col // 32]
     perm, u = gptq_mod._factor(h, 0.01, True)
     ref, wp = torch.zeros_like(w, dtype=torch.int32), w.clone()
@@ -90,6 +89,7 @@ def test_gptq_walk_is_the_blocked_algorithm_on_columns():
             w1[:, i:] -= err[:, i, None] * u[i1 + i, i1 + i:i2][None, :]
         wp[:, i2:] -= err @ u[i1:i2, i2:]
     assert torch.equal(gptq_mod.gptq_columns(w, h, grid, block=16), ref)
+
 
 def test_gptq_clip_searches_the_static_group_ranges():
     x, _, h = _layer()
