@@ -56,6 +56,7 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
     perm, hinv = _factor(h, damp, act_order)
     w = w[:, perm]
     codes = torch.zeros(k, n, dtype=torch.int32, device=w.device)   # row i: the i-th column visited
+    buf = torch.empty(n * max(k - block, 0), dtype=w.dtype, device=w.device)
     cols = perm.tolist()   # column numbers as Python ints (one transfer, not one per column on a GPU)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -68,10 +69,18 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act
             e = (w1[i] - deq) / hinv[i1 + i, i1 + i]
             w1[i:] -= hinv[i1 + i, i1 + i:i2, None] * e
             err[:, i] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+        _sub_product(w[:, i2:], err, hinv[i1:i2, i2:], buf)
     out = torch.empty(n, k, dtype=torch.int32, device=w.device)
     out[:, perm] = codes.t()
     return out
+
+
+def _sub_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor):
+    """out -= a @ b, the product made in `buf`, reused from block to block: the page faults of a
+    fresh product as large as the weight cost two thirds as much as the product itself."""
+    p = buf[:a.shape[0] * b.shape[1]].view(a.shape[0], b.shape[1])
+    torch.matmul(a, b, out=p)
+    out -= p
 
 
 _FACTORS: dict = {}   # (id(H), its version, damp, act_order) -> (column order, U), while H lives
@@ -153,6 +162,7 @@ def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.
     # columns as rows, as in the walk (copies, whatever the shapes: the caller's tensors stay as they are)
     w_hat, codes = (x.t().clone(memory_format=torch.contiguous_format) for x in (w_hat, codes))
     diag = torch.diagonal(h).tolist()
+    buf = torch.empty(n * max(k - block, 0), dtype=w.dtype, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         rb, delta = r[:, i1:i2].t().contiguous(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
@@ -161,8 +171,8 @@ def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.
             d = deq - w_hat[j]
             codes[j], w_hat[j], delta[:, j - i1] = q, deq, d
             rb -= h[j, i1:i2, None] * d
-        r[:, :i1] -= delta @ h[i1:i2, :i1]
-        r[:, i2:] -= delta @ h[i1:i2, i2:]
+        _sub_product(r[:, :i1], delta, h[i1:i2, :i1], buf)
+        _sub_product(r[:, i2:], delta, h[i1:i2, i2:], buf)
         r[:, i1:i2] = rb.t()
     return codes.t().contiguous()
 
@@ -239,7 +249,7 @@ class _Calibrate(OnDemand):
                 else:
                     flat = x.reshape(-1, x.shape[-1]).double()
                     rows = all_sum(torch.tensor([flat.shape[0]], dtype=torch.float64, device=flat.device))
-                    h = all_sum(flat.T @ flat) * 2 / rows
+                    h = all_sum(flat.T @ flat).mul_(2).div_(rows)   # in place: H can be 1 GB
             self.w_hat.update(self.quantize(group, h))
         w_hat = self.w_hat.pop(n).to(x)   # the walk's dtype and device
         self.targets.discard(n)
