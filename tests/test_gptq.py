@@ -135,6 +135,8 @@ def test_gptq_refine_lowers_its_objective_round_by_round(bits, group, sym, offse
     obj = lambda c: ((d := dequantize_codes(c, s, z, spec) - w) @ hd * d).sum().item()   # noqa: E731
     once = descend(w, hd, rtn, dequantize_codes(rtn, s, z, spec), grid)
     assert obj(once) < 0.8 * obj(rtn)
+    for block in (40, 64):   # several blocks, the last narrower: R's columns before it outnumber those after the first
+        assert obj(descend(w, hd, rtn, dequantize_codes(rtn, s, z, spec), grid, block)) < 0.8 * obj(rtn)
 
 
 def test_refine_is_for_gptq():
