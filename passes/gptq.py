@@ -162,7 +162,8 @@ def descend(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, w_hat: torch.
     # columns as rows, as in the walk (copies, whatever the shapes: the caller's tensors stay as they are)
     w_hat, codes = (x.t().clone(memory_format=torch.contiguous_format) for x in (w_hat, codes))
     diag = torch.diagonal(h).tolist()
-    buf = torch.empty(n * k, dtype=w.dtype, device=w.device)   # R's columns before or after a block: up to k - (last block's width)
+    # R's columns on either side of a block: up to k less the last block's width, more than k - block
+    buf = torch.empty(n * k, dtype=w.dtype, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         rb, delta = r[:, i1:i2].t().contiguous(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)

@@ -127,7 +127,6 @@ def test_gptq_refine_lowers_its_objective_round_by_round(bits, group, sym, offse
     s, z = fit_groups(w, spec)
     rtn = quantize(w, s, z, spec)
     g = torch.arange(w.shape[1]) // spec.group_size(w.shape[1])
-    from lowbit.ir.formats.uniform import to_grid
 
     def grid(v, col):
         q = to_grid(v, s[:, g[col]], z[:, g[col]], spec)
@@ -135,7 +134,7 @@ def test_gptq_refine_lowers_its_objective_round_by_round(bits, group, sym, offse
     obj = lambda c: ((d := dequantize_codes(c, s, z, spec) - w) @ hd * d).sum().item()   # noqa: E731
     once = descend(w, hd, rtn, dequantize_codes(rtn, s, z, spec), grid)
     assert obj(once) < 0.8 * obj(rtn)
-    for block in (40, 64):   # several blocks, the last narrower: R's columns before it outnumber those after the first
+    for block in (40, 64):   # the last block narrower: the columns before it outnumber k - block
         assert obj(descend(w, hd, rtn, dequantize_codes(rtn, s, z, spec), grid, block)) < 0.8 * obj(rtn)
 
 
